@@ -1,0 +1,186 @@
+"""Built-in data sets (no download) and step-indexed batching on grain.
+
+    ds = make_dataset(DataConfig(name="house_prices"))
+    batches = StepBatches(ds.train, batch_size=32, seed=0)
+    batch = batches[step]          # a pure function of (data, seed, step)
+
+The batch for step `s` depends only on the data, the seed and `s` (shuffled per epoch by grain), so
+a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import numpy as np
+
+from jaxnv.config import DataConfig
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class Dataset:
+    """Train and eval arrays (`x`, `y`) plus what a model needs to know about them."""
+
+    train: Arrays
+    eval: Arrays
+    in_features: int
+    out_features: int
+    task: str  # regression | binary | multiclass
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# House prices: raw features, their population mean / std, and the generating weights.
+HOUSE_FEATURES = ("area_m2", "rooms", "age_years", "distance_km")
+HOUSE_WEIGHTS = np.array([1.5, 10.0, -0.8, -3.0])  # price (k$) per unit of each feature
+HOUSE_BIAS = 50.0
+_HOUSE_LOW = np.array([40.0, 1.0, 0.0, 0.0])
+_HOUSE_HIGH = np.array([250.0, 6.0, 80.0, 30.0])
+
+
+def _house_population():
+    mean = (_HOUSE_LOW + _HOUSE_HIGH) / 2
+    std = (_HOUSE_HIGH - _HOUSE_LOW) / np.sqrt(12)
+    std[1] = np.sqrt((6**2 - 1) / 12)  # rooms: discrete uniform on 1..6
+    price_mean = HOUSE_BIAS + HOUSE_WEIGHTS @ mean
+    price_std = float(np.sqrt(np.sum((HOUSE_WEIGHTS * std) ** 2)))
+    return mean, std, price_mean, price_std
+
+
+def house_prices(num_train: int, num_eval: int, noise: float, seed: int) -> Dataset:
+    """Synthetic house prices from known weights plus noise, standardized.
+
+    `x` is standardized with the population mean/std; `y = (price - mean) / std` with Gaussian
+    noise of std `noise` (in those units). `info["weights"]` are the generating weights in the
+    standardized space, `info["raw_weights"]` in k$ per unit.
+    """
+    rng = np.random.default_rng(seed)
+    n = num_train + num_eval
+    raw = rng.uniform(_HOUSE_LOW, _HOUSE_HIGH, size=(n, 4))
+    raw[:, 1] = rng.integers(1, 7, size=n)
+    mean, std, price_mean, price_std = _house_population()
+    price = HOUSE_BIAS + raw @ HOUSE_WEIGHTS + rng.normal(0, noise * price_std, size=n)
+    x = ((raw - mean) / std).astype(np.float32)
+    y = ((price - price_mean) / price_std).astype(np.float32)[:, None]
+    info = {
+        "features": HOUSE_FEATURES,
+        "weights": HOUSE_WEIGHTS * std / price_std,
+        "bias": 0.0,
+        "raw_weights": HOUSE_WEIGHTS,
+        "raw_bias": HOUSE_BIAS,
+        "feature_mean": mean,
+        "feature_std": std,
+        "price_mean": price_mean,
+        "price_std": price_std,
+    }
+    return _split(x, y, num_train, 4, 1, "regression", info)
+
+
+def two_moons(num_train: int, num_eval: int, noise: float, seed: int) -> Dataset:
+    """Two interleaving half circles (labels 0/1 as float `(N, 1)`), Gaussian noise `noise`."""
+    rng = np.random.default_rng(seed)
+    n = num_train + num_eval
+    label = rng.integers(0, 2, size=n)
+    angle = rng.uniform(0, np.pi, size=n)
+    x = np.stack([np.cos(angle), np.sin(angle)], axis=1)
+    x[label == 1] = np.stack([1 - np.cos(angle), 0.5 - np.sin(angle)], axis=1)[label == 1]
+    x = x + rng.normal(0, noise, size=x.shape)
+    x = (x - np.array([0.5, 0.25])) / np.array([0.85, 0.5])  # roughly standardized
+    return _split(
+        x.astype(np.float32), label[:, None].astype(np.float32), num_train, 2, 1, "binary", {}
+    )
+
+
+def teacher_regression(num_train: int, num_eval: int, noise: float, seed: int) -> Dataset:
+    """x ~ N(0, 1)^10, y from a random 10 -> 5 -> 1 ReLU teacher, unit variance, plus noise."""
+    rng = np.random.default_rng(seed)
+    n = num_train + num_eval
+    x = rng.normal(size=(n, 10))
+    w1, b1 = rng.normal(size=(10, 5)) / np.sqrt(10), rng.normal(size=5) * 0.1
+    w2 = rng.normal(size=(5, 1)) / np.sqrt(5)
+    y = np.maximum(x @ w1 + b1, 0) @ w2
+    y = (y - y.mean()) / y.std() + rng.normal(0, noise, size=y.shape)
+    return _split(x.astype(np.float32), y.astype(np.float32), num_train, 10, 1, "regression", {})
+
+
+def from_npz(path: str) -> Dataset:
+    """Arrays from a `.npz` with `x_train`, `y_train`, `x_eval`, `y_eval` (no pickle)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data.path={path!r} is not a file: give a .npz with x_train, ...")
+    with np.load(path, allow_pickle=False) as f:
+        missing = {"x_train", "y_train", "x_eval", "y_eval"} - set(f.files)
+        if missing:
+            raise ValueError(f"{path} lacks arrays {sorted(missing)}: save them with np.savez")
+        tr = {"x": f["x_train"], "y": f["y_train"]}
+        ev = {"x": f["x_eval"], "y": f["y_eval"]}
+    task = "multiclass" if np.issubdtype(tr["y"].dtype, np.integer) else "regression"
+    out = int(tr["y"].max()) + 1 if task == "multiclass" else int(np.prod(tr["y"].shape[1:]))
+    return Dataset(tr, ev, int(np.prod(tr["x"].shape[1:])), out, task)
+
+
+def _split(x, y, num_train, in_features, out_features, task, info) -> Dataset:
+    train = {"x": x[:num_train], "y": y[:num_train]}
+    ev = {"x": x[num_train:], "y": y[num_train:]}
+    return Dataset(train, ev, in_features, out_features, task, info)
+
+
+DATASETS = {
+    "house_prices": house_prices,
+    "classification": two_moons,
+    "regression": teacher_regression,
+}
+
+
+def make_dataset(cfg: DataConfig) -> Dataset:
+    """The data set named by `cfg.name`."""
+    if cfg.name == "npz":
+        return from_npz(cfg.path)
+    if cfg.name not in DATASETS:
+        names = [*DATASETS, "npz"]
+        close = difflib.get_close_matches(cfg.name, names, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(f"unknown data.name {cfg.name!r}: use one of {', '.join(names)}{hint}")
+    if cfg.num_train < 1 or cfg.num_eval < 1:
+        raise ValueError("data.num_train and data.num_eval must be >= 1")
+    return DATASETS[cfg.name](cfg.num_train, cfg.num_eval, cfg.noise, cfg.seed)
+
+
+class StepBatches:
+    """Random-access training batches: `batches[step]` is the global batch for `step`.
+
+    Examples are shuffled per epoch from `seed` by grain; a batch may straddle two epochs.
+    """
+
+    def __init__(self, arrays: Arrays, batch_size: int, seed: int):
+        sizes = {k: len(v) for k, v in arrays.items()}
+        n = next(iter(sizes.values()))
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"data arrays differ in length {sizes}: give every array N rows")
+        self.arrays = arrays
+        self.batch_size = batch_size
+        self._indices = (
+            grain.MapDataset.range(n).shuffle(seed=seed).repeat(None).batch(batch_size)
+        )
+
+    def __getitem__(self, step: int) -> Arrays:
+        idx = self._indices[int(step)]  # (batch_size,) example indices
+        return {k: v[idx] for k, v in self.arrays.items()}
+
+    def iterate(self, start: int, stop: int) -> Iterator[Arrays]:
+        """Batches for steps `start, ..., stop - 1`."""
+        for step in range(start, stop):
+            yield self[step]
+
+
+def eval_batches(arrays: Arrays, batch_size: int) -> Iterator[tuple[Arrays, int]]:
+    """`(batch, n)` slices in order; the last may be partial (never dropped)."""
+    n = len(next(iter(arrays.values())))
+    for start in range(0, n, batch_size):
+        batch = {k: v[start : start + batch_size] for k, v in arrays.items()}
+        yield batch, len(batch["x"]) if "x" in batch else len(next(iter(batch.values())))

@@ -1,0 +1,89 @@
+"""Experiments: a config plus, where needed, their own model, loss or data.
+
+An experiment file (`experiments/NAME.py`) defines `config() -> Config` and may define
+`make_model(cfg, data, policy, rngs)`, `loss_fn(model, batch, rng)`, `make_data(cfg)` and
+`summarize(result) -> dict`. Whatever it leaves out comes from the config's registries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flax import nnx
+
+from jaxnv.config import Config
+from jaxnv.data import Dataset, make_dataset
+from jaxnv.models import build_model
+from jaxnv.precision import Policy
+from jaxnv.tasks import get_loss_fn
+
+
+def default_make_model(cfg: Config, data: Dataset, policy: Policy, rngs: nnx.Rngs) -> nnx.Module:
+    """The registry model `cfg.model.name` sized for `data`."""
+    return build_model(cfg.model, data.in_features, data.out_features, policy, rngs)
+
+
+@dataclasses.dataclass
+class Experiment:
+    """What `train` needs: a config and the functions that build model, loss and data."""
+
+    config: Config
+    name: str = "custom"
+    make_model: Callable[..., nnx.Module] = default_make_model
+    loss_fn: Callable | None = None  # None: `get_loss_fn(config.train.loss)`
+    make_data: Callable[[Config], Dataset] = lambda cfg: make_dataset(cfg.data)
+    summarize: Callable[[Any], dict] | None = None
+
+    def resolved_loss_fn(self) -> Callable:
+        return self.loss_fn or get_loss_fn(self.config.train.loss)
+
+
+def experiment_dirs() -> list[Path]:
+    """Where experiment names are looked up: `./experiments`, then the repository's."""
+    dirs = [Path.cwd() / "experiments", Path(__file__).resolve().parent.parent / "experiments"]
+    return list(dict.fromkeys(d for d in dirs if d.is_dir()))
+
+
+def available_experiments() -> list[str]:
+    """Names of the experiments that `load_experiment` can find."""
+    names = {p.stem for d in experiment_dirs() for p in d.glob("*.py") if not p.stem.startswith("_")}
+    return sorted(names)
+
+
+def _find(name: str) -> Path:
+    if name.endswith(".py") or os.sep in name:
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"experiment file {name!r} does not exist: check the path")
+        return path
+    for d in experiment_dirs():
+        if (d / f"{name}.py").is_file():
+            return d / f"{name}.py"
+    names = available_experiments()
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(names)}"
+    raise ValueError(f"unknown experiment {name!r}: {hint} (or pass a path to a .py file)")
+
+
+def load_experiment(name: str) -> Experiment:
+    """The experiment called `name` in `experiments/`, or the file at path `name`."""
+    path = _find(name)
+    mod_name = f"jaxnv_experiment_{path.stem}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    spec.loader.exec_module(module)
+    if not hasattr(module, "config"):
+        raise ValueError(f"experiment {path} defines no config() function: add one")
+    exp = Experiment(config=module.config(), name=path.stem)
+    for field in ("make_model", "loss_fn", "make_data", "summarize"):
+        if hasattr(module, field):
+            setattr(exp, field, getattr(module, field))
+    return exp

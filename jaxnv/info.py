@@ -1,0 +1,30 @@
+"""What `jaxnv info` reports: backend, devices, the auto precision and why, library versions."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+import jax
+
+from jaxnv.precision import Policy
+
+PACKAGES = ("jaxnv", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "grain")
+
+
+def info_lines() -> list[str]:
+    """Human-readable lines describing this machine as jaxnv sees it."""
+    devices = jax.devices()
+    auto = Policy.auto(devices)
+    lines = [
+        f"backend: {jax.default_backend()}",
+        f"devices: {len(devices)} x {devices[0].device_kind} "
+        f"({jax.process_count()} process(es), {jax.local_device_count()} local)",
+        f"auto precision: {auto} (loss scale: {auto.default_loss_scale})",
+        f"  why: {auto.reason}",
+    ]
+    for name in PACKAGES:
+        try:
+            lines.append(f"{name}: {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            lines.append(f"{name}: not installed")
+    return lines

@@ -1,0 +1,216 @@
+"""Compiled train and eval steps: pure functions `(state, batch) -> (state, metrics)`.
+
+    train_step = make_train_step(graphdef, loss_fn, tx, policy, batch_spec=spec)
+    state, metrics = train_step(state, batch)
+
+A loss function has the signature `loss_fn(model, batch, rng) -> (loss, aux)`: `rng` is a PRNG key
+while training and None in evaluation; `aux` is a dict of scalar metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxnv.precision import Policy, all_finite
+from jaxnv.state import TrainState
+
+Batch = Any
+LossFn = Callable[[nnx.Module, Batch, jax.Array | None], tuple[jax.Array, dict]]
+
+
+def batch_spec_of(batch: Batch) -> Any:
+    """The shapes and dtypes of a batch, as `jax.ShapeDtypeStruct`s."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), batch)
+
+
+def _describe(path, leaf) -> str:
+    return f"batch{jax.tree_util.keystr(path)} {tuple(leaf.shape)} {jnp.dtype(leaf.dtype).name}"
+
+
+def check_batch(batch: Batch, spec: Any, what: str = "the step") -> None:
+    """Raise a one-line ValueError when `batch` differs from `spec` in structure, shape or dtype."""
+    got, got_def = jax.tree_util.tree_flatten_with_path(batch)
+    want, want_def = jax.tree_util.tree_flatten_with_path(spec)
+    if got_def != want_def:
+        raise ValueError(
+            f"batch structure {got_def} differs from what {what} was built for ({want_def}): "
+            "feed batches with the same keys as the data set"
+        )
+    for (path, g), (_, w) in zip(got, want, strict=True):
+        shape, dtype = tuple(jnp.shape(g)), jnp.result_type(g)
+        if shape != tuple(w.shape) or dtype != w.dtype:
+            raise ValueError(
+                f"{_describe(path, jax.ShapeDtypeStruct(shape, dtype))} does not match "
+                f"{what}, built for {tuple(w.shape)} {jnp.dtype(w.dtype).name}: feed batches of "
+                "that shape and dtype (train.batch_size is the leading dimension) or build the "
+                "step again for the new batch"
+            )
+
+
+class Step:
+    """A compiled step that checks each batch against the spec it was built for.
+
+    `fn` is the raw jitted function (use it for `.lower(...)` or to skip the check).
+    """
+
+    def __init__(self, fn, batch_spec=None, what="the step"):
+        self.fn = fn
+        self.batch_spec = batch_spec
+        self.what = what
+
+    def __call__(self, state, batch):
+        if self.batch_spec is not None:
+            check_batch(batch, self.batch_spec, self.what)
+        return self.fn(state, batch)
+
+
+def _merge(graphdef, policy: Policy, params, model_state):
+    return nnx.merge(graphdef, policy.cast_to_compute(params), model_state)
+
+
+def _grads(graphdef, loss_fn, policy, state: TrainState, model_state, batch, rng):
+    """Unscaled fp32 grads, the loss, aux metrics and the updated model state for one batch."""
+
+    def scaled_loss(params):
+        model = _merge(graphdef, policy, params, model_state)
+        loss, aux = loss_fn(model, batch, rng)
+        new_model_state = nnx.state(model, nnx.Not(nnx.Param))
+        loss = jnp.asarray(loss, jnp.float32)
+        return state.loss_scale.scale(loss), (loss, aux, new_model_state)
+
+    grads, (loss, aux, new_model_state) = jax.grad(scaled_loss, has_aux=True)(state.params)
+    return state.loss_scale.unscale(grads), loss, aux, new_model_state
+
+
+def _accumulated_grads(graphdef, loss_fn, policy, state, batch, rng, micro_batches):
+    """Mean grads, loss and aux over `micro_batches` equal slices of `batch` (by `lax.scan`)."""
+
+    def split(x):  # (B, ...) -> (k, B / k, ...)
+        return x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
+
+    def one(model_state, i, micro):
+        return _grads(graphdef, loss_fn, policy, state, model_state, micro, jax.random.fold_in(rng, i))
+
+    micro = jax.tree.map(split, batch)
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype),
+        jax.eval_shape(lambda: one(state.model_state, 0, first)[:3]),
+    )
+
+    def body(carry, xs):
+        (g_sum, l_sum, a_sum), model_state = carry
+        i, mb = xs
+        g, loss, aux, model_state = one(model_state, i, mb)
+        sums = jax.tree.map(jnp.add, (g_sum, l_sum, a_sum), (g, loss, aux))
+        return (sums, model_state), None
+
+    xs = (jnp.arange(micro_batches), micro)
+    (sums, model_state), _ = jax.lax.scan(body, (zeros, state.model_state), xs)
+    grads, loss, aux = jax.tree.map(lambda x: x / micro_batches, sums)
+    return grads, loss, aux, model_state
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    policy: Policy,
+    *,
+    learning_rate_fn: optax.Schedule | None = None,
+    micro_batches: int = 1,
+    batch_spec: Any = None,
+    state_sharding: Any = None,
+    batch_sharding: Any = None,
+    donate: bool = True,
+) -> Step:
+    """A jitted `train_step(state, batch) -> (state, metrics)`, donating `state`.
+
+    One call is one optimizer update on the whole batch: with `micro_batches=k` the batch is cut
+    into k slices whose gradients are averaged. Non-finite gradients leave params, optimizer and
+    model state exactly as they were and adjust the loss scale. Metrics: `loss`, `grad_norm`,
+    `learning_rate` (if `learning_rate_fn`), `loss_scale`, `grads_finite`, and the loss's aux.
+    """
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        if micro_batches == 1:
+            grads, loss, aux, model_state = _grads(
+                graphdef, loss_fn, policy, state, state.model_state, batch, rng
+            )
+        else:
+            grads, loss, aux, model_state = _accumulated_grads(
+                graphdef, loss_fn, policy, state, batch, rng, micro_batches
+            )
+        finite = all_finite(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        def keep_if_finite(new, old):  # bit-identical old values on overflow
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep_if_finite(params, state.params),
+            opt_state=keep_if_finite(opt_state, state.opt_state),
+            model_state=keep_if_finite(model_state, state.model_state),
+            loss_scale=state.loss_scale.adjust(finite),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "loss_scale": jnp.asarray(state.loss_scale.loss_scale, jnp.float32),
+            "grads_finite": finite,
+            **aux,
+        }
+        if learning_rate_fn is not None:
+            metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+        return new_state, metrics
+
+    fn = jax.jit(
+        train_step,
+        donate_argnums=(0,) if donate else (),
+        in_shardings=None if state_sharding is None else (state_sharding, batch_sharding),
+        out_shardings=None if state_sharding is None else (state_sharding, None),
+    )
+    return Step(fn, batch_spec, "the train step")
+
+
+def make_eval_step(
+    graphdef: nnx.GraphDef,
+    loss_fn: LossFn,
+    policy: Policy,
+    *,
+    batch_spec: Any = None,
+) -> Step:
+    """A jitted `eval_step(state, batch) -> metrics` (`loss` and the loss's aux), no dropout."""
+
+    def eval_step(state: TrainState, batch: Batch) -> dict:
+        model = _merge(graphdef, policy, state.params, state.model_state)
+        loss, aux = loss_fn(model, batch, None)
+        return {"loss": jnp.asarray(loss, jnp.float32), **aux}
+
+    return Step(jax.jit(eval_step), batch_spec, "the eval step")
+
+
+def check_batch_fits(graphdef, loss_fn, policy, state, batch_spec) -> None:
+    """Trace the loss on `batch_spec` and turn a shape/dtype failure into one line naming the fix."""
+    step = make_eval_step(graphdef, loss_fn, policy).fn
+    try:
+        jax.eval_shape(step, state, batch_spec)
+    except (TypeError, ValueError) as err:
+        leaves = jax.tree_util.tree_flatten_with_path(batch_spec)[0]
+        shapes = ", ".join(_describe(p, x) for p, x in leaves)
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(
+            f"the model cannot take this batch ({shapes}): {first} -- make the data's feature "
+            "shape match the model's input (or the model's input match the data)"
+        ) from None

@@ -1,0 +1,168 @@
+"""The training loop: build everything from the config, run the steps, evaluate, log, summarize.
+
+    result = train(load_experiment("house_prices"), workdir="runs/house")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxnv import config as config_lib
+from jaxnv.data import Dataset, StepBatches, eval_batches
+from jaxnv.experiment import Experiment
+from jaxnv.optim import make_optimizer, make_schedule
+from jaxnv.precision import Policy, get_policy, make_loss_scale
+from jaxnv.state import TrainState, init_state, param_count
+from jaxnv.step import Step, batch_spec_of, check_batch_fits, make_eval_step, make_train_step
+from jaxnv.writers import Throughput, Writers, to_scalars
+
+
+class Callback:
+    """Hooks called on the host between steps; override what you need."""
+
+    def on_log(self, step: int, split: str, scalars: dict[str, float], state: TrainState):
+        """After each logged window (`split="train"`) and each evaluation (`"eval"`)."""
+
+    def on_end(self, result: TrainResult):
+        """Once, after the last step and the final evaluation."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a run leaves behind: final state, the pieces to use it, and its metrics."""
+
+    state: TrainState
+    graphdef: Any
+    policy: Policy
+    data: Dataset
+    train_metrics: dict[str, float]  # the last logged window
+    eval_metrics: dict[str, float]  # the final evaluation
+    history: list[dict[str, Any]]  # every logged row, as written to metrics.jsonl
+    seconds: float
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def evaluate(eval_step: Step, state: TrainState, arrays, batch_size: int) -> dict[str, float]:
+    """Example-weighted mean of the eval metrics over all of `arrays` (last batch partial)."""
+    totals: dict[str, float] = {}
+    count = 0
+    for batch, n in eval_batches(arrays, batch_size):
+        metrics = to_scalars(jax.device_get(eval_step.fn(state, jax.device_put(batch))))
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + v * n
+        count += n
+    return {k: v / count for k, v in totals.items()}
+
+
+def _mean_window(window: list[dict]) -> dict[str, float]:
+    rows = [to_scalars(m) for m in jax.device_get(window)]
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def _prepare_workdir(workdir: str | None, cfg) -> None:
+    if workdir is None:
+        return
+    if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+        raise FileExistsError(
+            f"workdir {workdir!r} already holds a run (metrics.jsonl): pass a new --workdir "
+            "or remove the old one (resuming needs checkpoints, which this workdir lacks)"
+        )
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config_lib.to_dict(cfg), f, indent=2)
+
+
+def train(
+    exp: Experiment, *, workdir: str | None = None, callbacks: list[Callback] = ()
+) -> TrainResult:
+    """Run the experiment to `train.steps`, writing metrics under `workdir` (if given)."""
+    cfg = config_lib.validate(exp.config)
+    t, loss_fn = cfg.train, exp.resolved_loss_fn()
+    data = exp.make_data(cfg)
+    policy = get_policy(cfg.precision.policy)
+    loss_scale = make_loss_scale(
+        cfg.precision.loss_scale,
+        policy,
+        init_scale=cfg.precision.init_scale,
+        period=cfg.precision.growth_interval,
+    )
+    tx = make_optimizer(cfg.optimizer, t.steps)
+
+    def model_fn(rngs):
+        return exp.make_model(cfg, data, policy, rngs)
+
+    graphdef, state = init_state(
+        model_fn, tx, policy, jax.random.PRNGKey(t.seed), loss_scale=loss_scale
+    )
+    batches = StepBatches(data.train, t.batch_size, t.seed)
+    spec = batch_spec_of(batches[0])
+    check_batch_fits(graphdef, loss_fn, policy, state, spec)
+    train_step = make_train_step(
+        graphdef,
+        loss_fn,
+        tx,
+        policy,
+        learning_rate_fn=make_schedule(cfg.optimizer, t.steps),
+        micro_batches=t.micro_batches,
+        batch_spec=spec,
+    )
+    eval_step = make_eval_step(graphdef, loss_fn, policy)
+
+    _prepare_workdir(workdir, cfg)
+    log = cfg.logging
+    writers = Writers.open(workdir, t.steps, tensorboard=log.tensorboard, progress=log.progress)
+    history: list[dict[str, Any]] = []
+
+    def emit(step, split, scalars):
+        writers.write(step, split, scalars)
+        history.append({"step": step, "split": split, **scalars})
+        for cb in callbacks:
+            cb.on_log(step, split, scalars, state)
+
+    start = time.perf_counter()
+    speed = Throughput(0, t.batch_size)
+    window: list[dict] = []
+    train_scalars: dict[str, float] = {}
+    eval_scalars: dict[str, float] = {}
+    try:
+        for step in range(t.steps):
+            with jax.transfer_guard("disallow"):  # every host<->device copy below is explicit
+                state, metrics = train_step(state, jax.device_put(batches[step]))
+            window.append(metrics)  # stays on the device until the log step
+            done = step + 1
+            if done % log.log_every == 0 or done == t.steps:
+                train_scalars = {**_mean_window(window), **speed.tick(done)}
+                window = []
+                emit(done, "train", train_scalars)
+            if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
+                eval_scalars = evaluate(eval_step, state, data.eval, t.eval_batch_size)
+                emit(done, "eval", eval_scalars)
+    finally:
+        writers.close()
+
+    result = TrainResult(
+        state, graphdef, policy, data, train_scalars, eval_scalars, history,
+        time.perf_counter() - start,
+    )
+    result.summary = {
+        "experiment": exp.name,
+        "steps": t.steps,
+        "params": param_count(state.params),
+        "precision": str(policy),
+        "seconds": round(result.seconds, 2),
+        **{f"eval_{k}": v for k, v in eval_scalars.items()},
+        **(exp.summarize(result) if exp.summarize else {}),
+    }
+    if workdir is not None:
+        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(result.summary, f, indent=2, default=float)
+    for cb in callbacks:
+        cb.on_end(result)
+    return result

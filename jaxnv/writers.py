@@ -1,0 +1,117 @@
+"""Metric writers: `metrics.jsonl`, TensorBoard scalars and a tqdm progress bar.
+
+Each takes `write(step, split, scalars)` with host-side Python floats and `close()`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+
+def to_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """Host floats from device/numpy scalars (bools become 0.0/1.0)."""
+    return {k: float(np.asarray(v, dtype=np.float64)) for k, v in metrics.items()}
+
+
+class JsonlWriter:
+    """One JSON object a line: `{"step": s, "split": "train", "loss": ...}`."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
+        row = {"step": int(step), "split": split}
+        row.update({k: (v if math.isfinite(v) else str(v)) for k, v in scalars.items()})
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class TensorBoardWriter:
+    """Scalars under `split/name` in a TensorBoard event file (tensorboardX)."""
+
+    def __init__(self, logdir: str):
+        from tensorboardX import SummaryWriter
+
+        self._w = SummaryWriter(logdir)
+
+    def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
+        for k, v in scalars.items():
+            self._w.add_scalar(f"{split}/{k}", v, global_step=int(step))
+
+    def close(self) -> None:
+        self._w.close()
+
+
+class ProgressWriter:
+    """A tqdm bar over the training steps showing loss and steps/s (ETA from tqdm)."""
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step")
+        self._last = initial
+
+    def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
+        if split == "train":
+            self._bar.update(step - self._last)
+            self._last = step
+            keys = ("loss", "accuracy", "steps_per_sec")
+            self._bar.set_postfix({k: f"{scalars[k]:.4g}" for k in keys if k in scalars})
+        else:
+            self._bar.write(
+                f"step {step} {split}: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+            )
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+class Writers:
+    """Fan-out to several writers; `open(workdir)` makes the standard set."""
+
+    def __init__(self, writers):
+        self.writers = list(writers)
+
+    @classmethod
+    def open(cls, workdir: str | None, total_steps: int, *, tensorboard=True, progress=True):
+        writers: list[Any] = [ProgressWriter(total_steps, enabled=progress)]
+        if workdir is not None:
+            os.makedirs(workdir, exist_ok=True)
+            writers.append(JsonlWriter(os.path.join(workdir, "metrics.jsonl")))
+            if tensorboard:
+                writers.append(TensorBoardWriter(os.path.join(workdir, "tensorboard")))
+        return cls(writers)
+
+    def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
+        for w in self.writers:
+            w.write(step, split, scalars)
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
+
+
+class Throughput:
+    """Steps/s and examples/s between successive `tick(step)` calls."""
+
+    def __init__(self, step: int, batch_size: int):
+        self.batch_size = batch_size
+        self._t, self._step = time.perf_counter(), step
+
+    def tick(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        dt, n = now - self._t, step - self._step
+        self._t, self._step = now, step
+        sps = n / dt if dt > 0 else 0.0
+        return {"steps_per_sec": sps, "examples_per_sec": sps * self.batch_size}
