@@ -136,6 +136,8 @@ def make_train_step(
     into k slices whose gradients are averaged. Non-finite gradients leave params, optimizer and
     model state exactly as they were and adjust the loss scale. Metrics: `loss`, `grad_norm`,
     `learning_rate` (if `learning_rate_fn`), `loss_scale`, `grads_finite`, and the loss's aux.
+    `learning_rate` is `learning_rate_fn(state.step)`; skipped overflow steps count in `state.step`
+    but not in optax's own count, so after n skips the applied rate is the one n steps earlier.
     """
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
@@ -166,7 +168,7 @@ def make_train_step(
         )
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "loss_scale": jnp.asarray(state.loss_scale.loss_scale, jnp.float32),
             "grads_finite": finite,
             **aux,

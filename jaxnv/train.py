@@ -66,6 +66,12 @@ def _mean_window(window: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
+def _learning_rate_fn(cfg):
+    """The learning rate at train step `s` (optax.MultiSteps updates once every k steps)."""
+    schedule, k = make_schedule(cfg.optimizer, cfg.train.steps), cfg.optimizer.accumulate_steps
+    return schedule if k == 1 else (lambda s: schedule(s // k))
+
+
 def _prepare_workdir(workdir: str | None, cfg) -> None:
     if workdir is None:
         return
@@ -109,7 +115,7 @@ def train(
         loss_fn,
         tx,
         policy,
-        learning_rate_fn=make_schedule(cfg.optimizer, t.steps),
+        learning_rate_fn=_learning_rate_fn(cfg),
         micro_batches=t.micro_batches,
         batch_spec=spec,
     )
