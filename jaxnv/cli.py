@@ -66,7 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `jaxnv` script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse stops filling a `nargs="*"` positional at the first option, so KEY=VALUE items
+    # after `--workdir DIR` come back as extras: they are overrides too (the documented order).
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "train" or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     _setup_devices()
     try:
         return args.func(args)

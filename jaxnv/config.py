@@ -141,7 +141,11 @@ def _check_type(key: str, value: Any, tp) -> Any:
         elem = typing.get_args(tp)[0]
         if all(isinstance(v, elem) and not isinstance(v, bool) for v in value):
             return tuple(value)
-    elif isinstance(tp, type) and isinstance(value, tp) and (tp is bool or not isinstance(value, bool)):
+    elif (
+        isinstance(tp, type)
+        and isinstance(value, tp)
+        and (tp is bool or not isinstance(value, bool))
+    ):
         return value
     raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
 
@@ -152,7 +156,11 @@ def _unknown_key(key: str, cfg: Config) -> ConfigError:
     if not close:  # try matching the last part only: `steps` -> `train.steps`
         tail = {k.split(".", 1)[1]: k for k in keys}
         close = [tail[m] for m in difflib.get_close_matches(key.split(".")[-1], list(tail), n=1)]
-    hint = f"did you mean '{close[0]}'?" if close else "run `jaxnv train NAME --print-config` to list the keys"
+    hint = (
+        f"did you mean '{close[0]}'?"
+        if close
+        else "run `jaxnv train NAME --print-config` to list the keys"
+    )
     return ConfigError(f"unknown config key '{key}': {hint}")
 
 
@@ -214,4 +222,3 @@ def validate(cfg: Config) -> Config:
     if t.eval_every < 0:
         raise ConfigError(f"train.eval_every must be >= 0 (0: only at the end), got {t.eval_every}")
     return cfg
-

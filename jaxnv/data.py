@@ -164,9 +164,7 @@ class StepBatches:
             raise ValueError(f"data arrays differ in length {sizes}: give every array N rows")
         self.arrays = arrays
         self.batch_size = batch_size
-        self._indices = (
-            grain.MapDataset.range(n).shuffle(seed=seed).repeat(None).batch(batch_size)
-        )
+        self._indices = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None).batch(batch_size)
 
     def __getitem__(self, step: int) -> Arrays:
         idx = self._indices[int(step)]  # (batch_size,) example indices

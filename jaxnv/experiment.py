@@ -53,7 +53,9 @@ def experiment_dirs() -> list[Path]:
 
 def available_experiments() -> list[str]:
     """Names of the experiments that `load_experiment` can find."""
-    names = {p.stem for d in experiment_dirs() for p in d.glob("*.py") if not p.stem.startswith("_")}
+    names = {
+        p.stem for d in experiment_dirs() for p in d.glob("*.py") if not p.stem.startswith("_")
+    }
     return sorted(names)
 
 

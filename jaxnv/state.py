@@ -28,16 +28,22 @@ class TrainState:
     """Everything a train step reads and returns; a pytree, so it jits, shards and checkpoints."""
 
     step: jax.Array  # int32 scalar: optimizer steps taken (skipped overflow steps included)
-    params: Any  # nnx.State of nnx.Param leaves, in the policy's param dtype
+    params: Any  # nested dict of arrays (the model's nnx.Param values), in the param dtype
     opt_state: optax.OptState
-    model_state: Any  # nnx.State of non-param variables (may be empty)
+    model_state: Any  # nested dict of the model's other variables (e.g. norm statistics), or {}
     loss_scale: Any  # NoOpLossScale | StaticLossScale | DynamicLossScale
     rng: jax.Array  # base key; a step uses fold_in(rng, step)
 
 
 def split_model(model: nnx.Module):
-    """`(graphdef, params, model_state)` with params the `nnx.Param` variables."""
-    return nnx.split(model, nnx.Param, ...)
+    """`(graphdef, params, model_state)`: the `nnx.Param` values and the rest, as plain dicts.
+
+    Plain nested dicts (not `nnx.State`) keep the state cheap to flatten on every step call and
+    make checkpoints and optimizer state independent of NNX's variable types;
+    `nnx.merge(graphdef, params, model_state)` rebuilds the module.
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
 
 def abstract_model(model_fn: ModelFn) -> nnx.Module:

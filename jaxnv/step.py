@@ -63,10 +63,18 @@ class Step:
         self.fn = fn
         self.batch_spec = batch_spec
         self.what = what
+        if batch_spec is not None:
+            leaves, self._treedef = jax.tree.flatten(batch_spec)
+            self._expected = [(tuple(x.shape), jnp.dtype(x.dtype)) for x in leaves]
 
     def __call__(self, state, batch):
         if self.batch_spec is not None:
-            check_batch(batch, self.batch_spec, self.what)
+            leaves, treedef = jax.tree.flatten(batch)  # fast path; details only on a mismatch
+            if treedef != self._treedef or any(
+                x.shape != s or x.dtype != d
+                for x, (s, d) in zip(leaves, self._expected, strict=True)
+            ):
+                check_batch(batch, self.batch_spec, self.what)
         return self.fn(state, batch)
 
 
@@ -80,7 +88,7 @@ def _grads(graphdef, loss_fn, policy, state: TrainState, model_state, batch, rng
     def scaled_loss(params):
         model = _merge(graphdef, policy, params, model_state)
         loss, aux = loss_fn(model, batch, rng)
-        new_model_state = nnx.state(model, nnx.Not(nnx.Param))
+        new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
         loss = jnp.asarray(loss, jnp.float32)
         return state.loss_scale.scale(loss), (loss, aux, new_model_state)
 
@@ -95,7 +103,9 @@ def _accumulated_grads(graphdef, loss_fn, policy, state, batch, rng, micro_batch
         return x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
 
     def one(model_state, i, micro):
-        return _grads(graphdef, loss_fn, policy, state, model_state, micro, jax.random.fold_in(rng, i))
+        return _grads(
+            graphdef, loss_fn, policy, state, model_state, micro, jax.random.fold_in(rng, i)
+        )
 
     micro = jax.tree.map(split, batch)
     first = jax.tree.map(lambda x: x[0], micro)
@@ -153,17 +163,21 @@ def make_train_step(
                 graphdef, loss_fn, policy, state, batch, rng, micro_batches
             )
         finite = all_finite(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
 
-        def keep_if_finite(new, old):  # bit-identical old values on overflow
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        def apply(_):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            return optax.apply_updates(state.params, updates), opt_state, model_state
 
+        def skip(_):  # non-finite grads: everything stays bit-identical
+            return state.params, state.opt_state, state.model_state
+
+        # a conditional, not a select: the skip costs nothing on the common path
+        params, opt_state, model_state = jax.lax.cond(finite, apply, skip, None)
         new_state = state.replace(
             step=state.step + 1,
-            params=keep_if_finite(params, state.params),
-            opt_state=keep_if_finite(opt_state, state.opt_state),
-            model_state=keep_if_finite(model_state, state.model_state),
+            params=params,
+            opt_state=opt_state,
+            model_state=model_state,
             loss_scale=state.loss_scale.adjust(finite),
         )
         metrics = {
@@ -204,7 +218,7 @@ def make_eval_step(
 
 
 def check_batch_fits(graphdef, loss_fn, policy, state, batch_spec) -> None:
-    """Trace the loss on `batch_spec` and turn a shape/dtype failure into one line naming the fix."""
+    """Trace the loss on `batch_spec`; a shape or dtype failure becomes one line naming the fix."""
     step = make_eval_step(graphdef, loss_fn, policy).fn
     try:
         jax.eval_shape(step, state, batch_spec)

@@ -1,6 +1,6 @@
 """The training loop: build everything from the config, run the steps, evaluate, log, summarize.
 
-    result = train(load_experiment("house_prices"), workdir="runs/house")
+result = train(load_experiment("house_prices"), workdir="runs/house")
 """
 
 from __future__ import annotations
@@ -154,7 +154,13 @@ def train(
         writers.close()
 
     result = TrainResult(
-        state, graphdef, policy, data, train_scalars, eval_scalars, history,
+        state,
+        graphdef,
+        policy,
+        data,
+        train_scalars,
+        eval_scalars,
+        history,
         time.perf_counter() - start,
     )
     result.summary = {

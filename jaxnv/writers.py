@@ -69,8 +69,7 @@ class ProgressWriter:
             self._bar.set_postfix({k: f"{scalars[k]:.4g}" for k in keys if k in scalars})
         else:
             self._bar.write(
-                f"step {step} {split}: "
-                + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+                f"step {step} {split}: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items())
             )
 
     def close(self) -> None:

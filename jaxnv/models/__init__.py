@@ -13,6 +13,10 @@ from jaxnv.precision import Policy
 
 MODELS = ("linear", "mlp")
 
+# Params carry logical axis names; jaxnv places them with jit out_shardings, never eagerly, so
+# models can be built with or without a mesh in scope.
+nnx.use_eager_sharding(False)
+
 
 def build_model(
     cfg: ModelConfig, in_features: int, out_features: int, policy: Policy, rngs: nnx.Rngs

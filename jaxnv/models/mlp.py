@@ -26,9 +26,7 @@ def get_activation(name: str):
 
         close = difflib.get_close_matches(name, list(ACTIVATIONS), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ValueError(
-            f"unknown activation {name!r}: use one of {', '.join(ACTIVATIONS)}{hint}"
-        )
+        raise ValueError(f"unknown activation {name!r}: use one of {', '.join(ACTIVATIONS)}{hint}")
     return ACTIVATIONS[name]
 
 
