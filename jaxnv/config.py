@@ -21,23 +21,34 @@ from jaxnv.optim import OptimizerConfig
 class ModelConfig:
     """Which model to build and its shape; `features` are hidden widths (MLP)."""
 
-    name: str = "linear"  # linear | mlp
-    features: tuple[int, ...] = ()
+    name: str = "linear"  # linear | mlp | cnn | lstm | transformer
+    features: tuple[int, ...] = ()  # mlp: hidden widths; cnn: stage widths; lstm: layer widths
     activation: str = "relu"
     dropout: float = 0.0
     use_bias: bool = True
+    norm: str = "batch"  # cnn: batch | group | none
+    blocks_per_stage: int = 1  # cnn
+    vocab_size: int = 0  # transformer / token lstm; 0: from the data
+    num_layers: int = 4  # transformer
+    num_heads: int = 4  # transformer
+    embed_dim: int = 256  # transformer (and the token embedding of an lstm)
+    mlp_dim: int = 0  # transformer; 0: the model's default
+    max_seq_len: int = 0  # transformer; 0: data.seq_len
+    tie_embeddings: bool = True  # transformer
+    remat: str = "none"  # transformer: none | full | dots
 
 
 @dataclasses.dataclass
 class DataConfig:
     """Which built-in data set to use and how to generate or split it."""
 
-    name: str = "house_prices"  # house_prices | classification | regression | npz
+    name: str = "house_prices"  # house_prices|classification|regression|digits|text|adding|npz
     num_train: int = 1000
     num_eval: int = 200
     noise: float = 0.1
     seed: int = 0  # generation seed; the shuffle seed is train.seed
     path: str = ""  # for name=npz: a .npz file with x_train, y_train, x_eval, y_eval
+    seq_len: int = 128  # for sequence data (text, adding)
 
 
 @dataclasses.dataclass
@@ -61,6 +72,8 @@ class TrainConfig:
     eval_batch_size: int = 256
     micro_batches: int = 1  # gradient accumulation inside one step
     loss: str = "mse"  # mse | bce | softmax_ce
+    best_metric: str = "loss"  # eval metric tracked for the best step ("" to disable)
+    best_mode: str = "min"  # min | max
 
 
 @dataclasses.dataclass
@@ -70,6 +83,9 @@ class LoggingConfig:
     log_every: int = 10
     tensorboard: bool = True
     progress: bool = True
+    mfu: bool = True  # report model FLOP utilisation (measures the device's matmul peak once)
+    peak_flops: float = 0.0  # declared device peak in FLOP/s; 0: measure
+    profile_steps: str = ""  # "a:b": a jax.profiler trace of steps a..b-1 into tensorboard/
 
 
 @dataclasses.dataclass
@@ -219,6 +235,8 @@ def validate(cfg: Config) -> Config:
             f"train.batch_size={t.batch_size} does not divide into train.micro_batches="
             f"{t.micro_batches}: choose a batch size that is a multiple of it"
         )
+    if t.best_mode not in ("min", "max"):
+        raise ConfigError(f"train.best_mode must be min or max, got {t.best_mode!r}")
     if t.eval_every < 0:
         raise ConfigError(f"train.eval_every must be >= 0 (0: only at the end), got {t.eval_every}")
     return cfg

@@ -109,6 +109,77 @@ def teacher_regression(num_train: int, num_eval: int, noise: float, seed: int) -
     return _split(x.astype(np.float32), y.astype(np.float32), num_train, 10, 1, "regression", {})
 
 
+def digits(num_eval: int = 360, seed: int = 0) -> Dataset:
+    """scikit-learn's bundled 8x8 digits: images `(N, 8, 8, 1)` in [0, 1], labels int32.
+
+    The split is fixed (a permutation from `seed`; the last `num_eval` images are the test set),
+    so results are comparable across runs. Needs the `digits` extra (scikit-learn).
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError(
+            "data.name=digits needs scikit-learn: pip install -e '.[digits]'"
+        ) from None
+    bunch = load_digits()
+    order = np.random.default_rng(seed).permutation(len(bunch.target))
+    x = (bunch.images[order, :, :, None] / 16.0).astype(np.float32)
+    y = bunch.target[order].astype(np.int32)
+    return _split(x, y, len(y) - num_eval, 1, 10, "multiclass", {"image_shape": (8, 8, 1)})
+
+
+def text_corpus() -> str:
+    """The text of Python's bundled help topics (`pydoc_data.topics`), in a fixed order."""
+    from pydoc_data.topics import topics
+
+    return "".join(topics[k] for k in sorted(topics))
+
+
+def char_text(seq_len: int, eval_fraction: float = 0.1) -> Dataset:
+    """Character language modelling on `text_corpus()`: `x` (N, T) tokens, `y` = x shifted by one.
+
+    The vocabulary is the corpus's sorted characters. Train windows start every `seq_len // 2`
+    characters of the first 90 % of the text; validation windows tile the last 10 %.
+    `info` has `vocab` (a string), `unigram_entropy` (nats per character) and the corpus length.
+    """
+    text = text_corpus()
+    vocab = "".join(sorted(set(text)))
+    lookup = {c: i for i, c in enumerate(vocab)}
+    ids = np.fromiter((lookup[c] for c in text), np.int32, len(text))
+    cut = int(len(ids) * (1 - eval_fraction))
+
+    def windows(part, stride):
+        starts = np.arange(0, len(part) - seq_len - 1, stride)
+        idx = starts[:, None] + np.arange(seq_len + 1)[None, :]  # (N, T + 1)
+        w = part[idx]
+        return {"x": w[:, :-1], "y": w[:, 1:]}
+
+    counts = np.bincount(ids, minlength=len(vocab)) / len(ids)
+    entropy = float(-(counts * np.log(counts)).sum())
+    info = {"vocab": vocab, "unigram_entropy": entropy, "chars": len(ids)}
+    train, ev = windows(ids[:cut], max(1, seq_len // 2)), windows(ids[cut:], seq_len)
+    return Dataset(train, ev, seq_len, len(vocab), "lm", info)
+
+
+def adding_problem(num_train: int, num_eval: int, seq_len: int, seed: int) -> Dataset:
+    """The adding problem (Hochreiter & Schmidhuber, 1997): sum the two marked values.
+
+    `x` is (N, T, 2): a value in [0, 1) and a 0/1 marker, with one marker in each half of the
+    sequence; `y` (N, 1) is the sum of the two marked values. Predicting the mean (1.0) scores an
+    mse of 1/6; a model must remember values across up to T steps to do better.
+    """
+    rng = np.random.default_rng(seed)
+    n, half = num_train + num_eval, seq_len // 2
+    values = rng.uniform(0, 1, size=(n, seq_len))
+    marks = np.zeros((n, seq_len))
+    first, second = rng.integers(0, half, size=n), rng.integers(half, seq_len, size=n)
+    marks[np.arange(n), first] = 1.0
+    marks[np.arange(n), second] = 1.0
+    x = np.stack([values, marks], axis=-1).astype(np.float32)
+    y = (values * marks).sum(axis=1, keepdims=True).astype(np.float32)
+    return _split(x, y, num_train, 2, 1, "regression", {"baseline_mse": 1.0 / 6.0})
+
+
 def from_npz(path: str) -> Dataset:
     """Arrays from a `.npz` with `x_train`, `y_train`, `x_eval`, `y_eval` (no pickle)."""
     if not os.path.isfile(path):
@@ -117,8 +188,20 @@ def from_npz(path: str) -> Dataset:
         missing = {"x_train", "y_train", "x_eval", "y_eval"} - set(f.files)
         if missing:
             raise ValueError(f"{path} lacks arrays {sorted(missing)}: save them with np.savez")
-        tr = {"x": f["x_train"], "y": f["y_train"]}
-        ev = {"x": f["x_eval"], "y": f["y_eval"]}
+        try:
+            tr = {"x": f["x_train"], "y": f["y_train"]}
+            ev = {"x": f["x_eval"], "y": f["y_eval"]}
+        except ValueError:  # numpy refuses object arrays without pickle
+            raise ValueError(
+                f"{path} holds object arrays, which need pickle (refused for safety): save "
+                "numeric arrays (np.asarray(x, dtype=np.float32)) instead"
+            ) from None
+    for split, arrays in (("train", tr), ("eval", ev)):
+        if len(arrays["x"]) != len(arrays["y"]):
+            raise ValueError(
+                f"{path}: x_{split} has {len(arrays['x'])} rows but y_{split} has "
+                f"{len(arrays['y'])}: give both the same number of examples"
+            )
     task = "multiclass" if np.issubdtype(tr["y"].dtype, np.integer) else "regression"
     out = int(tr["y"].max()) + 1 if task == "multiclass" else int(np.prod(tr["y"].shape[1:]))
     return Dataset(tr, ev, int(np.prod(tr["x"].shape[1:])), out, task)
@@ -135,14 +218,21 @@ DATASETS = {
     "classification": two_moons,
     "regression": teacher_regression,
 }
+OTHER_DATASETS = ("digits", "text", "adding", "npz")
 
 
 def make_dataset(cfg: DataConfig) -> Dataset:
     """The data set named by `cfg.name`."""
     if cfg.name == "npz":
         return from_npz(cfg.path)
+    if cfg.name == "digits":
+        return digits()
+    if cfg.name == "text":
+        return char_text(cfg.seq_len)
+    if cfg.name == "adding":
+        return adding_problem(cfg.num_train, cfg.num_eval, cfg.seq_len, cfg.seed)
     if cfg.name not in DATASETS:
-        names = [*DATASETS, "npz"]
+        names = [*DATASETS, *OTHER_DATASETS]
         close = difflib.get_close_matches(cfg.name, names, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ValueError(f"unknown data.name {cfg.name!r}: use one of {', '.join(names)}{hint}")
@@ -157,23 +247,51 @@ class StepBatches:
     Examples are shuffled per epoch from `seed` by grain; a batch may straddle two epochs.
     """
 
-    def __init__(self, arrays: Arrays, batch_size: int, seed: int):
+    def __init__(
+        self,
+        arrays: Arrays,
+        batch_size: int,
+        seed: int,
+        *,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
         sizes = {k: len(v) for k, v in arrays.items()}
         n = next(iter(sizes.values()))
         if len(set(sizes.values())) != 1:
             raise ValueError(f"data arrays differ in length {sizes}: give every array N rows")
+        if batch_size % process_count:
+            raise ValueError(
+                f"train.batch_size={batch_size} does not split over {process_count} processes: "
+                "use a multiple of the process count"
+            )
         self.arrays = arrays
         self.batch_size = batch_size
+        self.process_index, self.process_count = process_index, process_count
         self._indices = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None).batch(batch_size)
 
-    def __getitem__(self, step: int) -> Arrays:
-        idx = self._indices[int(step)]  # (batch_size,) example indices
+    def _gather(self, idx: np.ndarray) -> Arrays:
         return {k: v[idx] for k, v in self.arrays.items()}
 
-    def iterate(self, start: int, stop: int) -> Iterator[Arrays]:
-        """Batches for steps `start, ..., stop - 1`."""
-        for step in range(start, stop):
-            yield self[step]
+    def __getitem__(self, step: int) -> Arrays:
+        return self._gather(self._indices[int(step)])  # (batch_size, ...) global batch
+
+    def local(self, step: int) -> Arrays:
+        """This process's rows of the global batch for `step`."""
+        idx = self._indices[int(step)]
+        per = self.batch_size // self.process_count
+        return self._gather(idx[self.process_index * per : (self.process_index + 1) * per])
+
+    def iterate(self, start: int, stop: int, *, prefetch: int = 2) -> Iterator[Arrays]:
+        """This process's batches for steps `start, ..., stop - 1`, prepared by `prefetch`
+        background threads (grain) while the device runs earlier steps."""
+        if stop <= start:
+            return iter(())
+        steps = grain.MapDataset.range(start, stop).map(self.local)
+        if prefetch <= 0:
+            return iter(steps)
+        options = grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=2 * prefetch)
+        return iter(steps.to_iter_dataset(options))
 
 
 def eval_batches(arrays: Arrays, batch_size: int) -> Iterator[tuple[Arrays, int]]:

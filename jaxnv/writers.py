@@ -102,10 +102,10 @@ class Writers:
 
 
 class Throughput:
-    """Steps/s and examples/s between successive `tick(step)` calls."""
+    """Steps/s, examples/s (and tokens/s for token data) between successive `tick(step)` calls."""
 
-    def __init__(self, step: int, batch_size: int):
-        self.batch_size = batch_size
+    def __init__(self, step: int, batch_size: int, tokens_per_example: int = 0):
+        self.batch_size, self.tokens_per_example = batch_size, tokens_per_example
         self._t, self._step = time.perf_counter(), step
 
     def tick(self, step: int) -> dict[str, float]:
@@ -113,4 +113,7 @@ class Throughput:
         dt, n = now - self._t, step - self._step
         self._t, self._step = now, step
         sps = n / dt if dt > 0 else 0.0
-        return {"steps_per_sec": sps, "examples_per_sec": sps * self.batch_size}
+        out = {"steps_per_sec": sps, "examples_per_sec": sps * self.batch_size}
+        if self.tokens_per_example:
+            out["tokens_per_sec"] = out["examples_per_sec"] * self.tokens_per_example
+        return out
