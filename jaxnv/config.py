@@ -211,8 +211,10 @@ def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
     """Rebuild a Config from `to_dict` output; unknown keys and wrong types are errors."""
     cfg = base or Config()
     for section, values in data.items():
-        if not isinstance(values, dict):
+        if section not in _fields(type(cfg)):
             raise _unknown_key(section, cfg)
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section}' must be a mapping of keys to values")
         for name, value in values.items():
             cfg = set_value(cfg, f"{section}.{name}", value)
     return cfg
