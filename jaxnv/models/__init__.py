@@ -7,11 +7,14 @@ import difflib
 from flax import nnx
 
 from jaxnv.config import ModelConfig
+from jaxnv.models.cnn import CNN
 from jaxnv.models.linear import Linear
 from jaxnv.models.mlp import ACTIVATIONS, MLP, get_activation
+from jaxnv.models.rnn import LSTM
+from jaxnv.models.transformer import Transformer, generate
 from jaxnv.precision import Policy
 
-MODELS = ("linear", "mlp")
+MODELS = ("linear", "mlp", "cnn", "lstm", "transformer")
 
 # Params carry logical axis names; jaxnv places them with jit out_shardings, never eagerly, so
 # models can be built with or without a mesh in scope.
@@ -21,7 +24,12 @@ nnx.use_eager_sharding(False)
 def build_model(
     cfg: ModelConfig, in_features: int, out_features: int, policy: Policy, rngs: nnx.Rngs
 ) -> nnx.Module:
-    """The model `cfg.name` for inputs of `in_features` and `out_features` outputs."""
+    """The model `cfg.name` for inputs of `in_features` and `out_features` outputs.
+
+    For images (`cnn`) `in_features` is the channel count. For the transformer it is the sequence
+    length of the data and `out_features` the vocabulary size (both used unless
+    `cfg.max_seq_len` / `cfg.vocab_size` are set).
+    """
     if cfg.name == "linear":
         if cfg.features:
             raise ValueError("model.features is for model.name=mlp; a linear model has none")
@@ -37,9 +45,60 @@ def build_model(
             policy=policy,
             rngs=rngs,
         )
+    if cfg.name == "cnn":
+        return CNN(
+            in_features,
+            out_features,
+            features=cfg.features or (32, 64),
+            blocks_per_stage=cfg.blocks_per_stage,
+            norm=cfg.norm,
+            dropout=cfg.dropout,
+            policy=policy,
+            rngs=rngs,
+        )
+    if cfg.name == "lstm":
+        widths = cfg.features or (128,)
+        if len(set(widths)) != 1:
+            raise ValueError(f"model.features={widths} for an lstm must repeat one width")
+        vocab = cfg.vocab_size or None
+        return LSTM(
+            cfg.embed_dim if vocab else in_features,
+            widths[0],
+            out_features,
+            num_layers=len(widths),
+            vocab_size=vocab,
+            policy=policy,
+            rngs=rngs,
+        )
+    if cfg.name == "transformer":
+        return Transformer(
+            cfg.vocab_size or out_features,
+            num_layers=cfg.num_layers,
+            num_heads=cfg.num_heads,
+            embed_dim=cfg.embed_dim,
+            mlp_dim=cfg.mlp_dim or None,
+            max_seq_len=cfg.max_seq_len or in_features,
+            activation=cfg.activation,
+            tie_embeddings=cfg.tie_embeddings,
+            remat=cfg.remat,
+            dropout=cfg.dropout,
+            policy=policy,
+            rngs=rngs,
+        )
     close = difflib.get_close_matches(cfg.name, MODELS, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     raise ValueError(f"unknown model.name {cfg.name!r}: use one of {', '.join(MODELS)}{hint}")
 
 
-__all__ = ["ACTIVATIONS", "MLP", "MODELS", "Linear", "build_model", "get_activation"]
+__all__ = [
+    "ACTIVATIONS",
+    "CNN",
+    "LSTM",
+    "MLP",
+    "MODELS",
+    "Linear",
+    "Transformer",
+    "build_model",
+    "generate",
+    "get_activation",
+]
