@@ -1,6 +1,7 @@
-"""The `jaxnv` command line: `train`, `info`.
+"""The `jaxnv` command line: `train`, `eval`, `info`.
 
     jaxnv train EXPERIMENT [--workdir DIR] [KEY=VALUE ...]
+    jaxnv eval EXPERIMENT --workdir DIR [KEY=VALUE ...]
     jaxnv info
 
 `JAXNV_CPU_DEVICES=N` simulates N CPU devices (set before JAX starts).
@@ -43,6 +44,18 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from jaxnv import config as config_lib
+    from jaxnv.experiment import load_experiment
+    from jaxnv.train import evaluate_workdir
+
+    exp = load_experiment(args.experiment)
+    exp.config = config_lib.validate(config_lib.apply_overrides(exp.config, args.overrides))
+    step, metrics = evaluate_workdir(exp, args.workdir)
+    print(json.dumps({"step": step, "split": "eval", **metrics}))
+    return 0
+
+
 def cmd_info(args) -> int:
     from jaxnv.info import info_lines
 
@@ -59,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the config and exit")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.steps=100")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("eval", help="evaluate the newest checkpoint of a workdir")
+    p.add_argument("experiment")
+    p.add_argument("--workdir", required=True, help="a workdir written by `jaxnv train`")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.eval_batch_size=64"
+    )
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("info", help="backend, devices, the auto precision and versions")
     p.set_defaults(func=cmd_info)
     return parser
@@ -70,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     # argparse stops filling a `nargs="*"` positional at the first option, so KEY=VALUE items
     # after `--workdir DIR` come back as extras: they are overrides too (the documented order).
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command != "train" or any(e.startswith("-") for e in extra)):
+    if extra and (args.command not in ("train", "eval") or any(e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]

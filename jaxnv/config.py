@@ -4,7 +4,8 @@
     cfg = apply_overrides(cfg, ["train.steps=200", "optimizer.learning_rate=3e-3"])
 
 Every override is type-checked against the field's annotation; an unknown key is refused with a
-"did you mean". Sections: `model`, `data`, `optimizer`, `precision`, `train`, `logging`.
+"did you mean". Sections: `model`, `data`, `optimizer`, `precision`, `train`, `checkpoint`,
+`logging`.
 """
 
 from __future__ import annotations
@@ -77,6 +78,14 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class CheckpointConfig:
+    """Orbax checkpoints under `workdir/checkpoints`: every N steps and at the end."""
+
+    every: int = 0  # 0: only at the end of training
+    keep: int = 3  # newest checkpoints kept
+
+
+@dataclasses.dataclass
 class LoggingConfig:
     """Where and how often metrics are written."""
 
@@ -97,6 +106,7 @@ class Config:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
 
@@ -237,6 +247,8 @@ def validate(cfg: Config) -> Config:
             f"train.batch_size={t.batch_size} does not divide into train.micro_batches="
             f"{t.micro_batches}: choose a batch size that is a multiple of it"
         )
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
+        raise ConfigError("checkpoint.every must be >= 0 (0: at the end) and checkpoint.keep >= 1")
     if t.best_mode not in ("min", "max"):
         raise ConfigError(f"train.best_mode must be min or max, got {t.best_mode!r}")
     if t.eval_every < 0:

@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnv import __version__
 from jaxnv import config as config_lib
+from jaxnv.checkpoint import Checkpointer
 from jaxnv.data import Dataset, StepBatches, eval_batches
 from jaxnv.experiment import Experiment
 from jaxnv.optim import make_optimizer, make_schedule
@@ -24,7 +26,7 @@ from jaxnv.precision import Policy, get_policy, make_loss_scale
 from jaxnv.profiling import ProfileWindow, measure_peak_flops, step_flops
 from jaxnv.state import TrainState, init_state, param_count
 from jaxnv.step import Step, batch_spec_of, check_batch_fits, make_eval_step, make_train_step
-from jaxnv.writers import Throughput, Writers, to_scalars
+from jaxnv.writers import BestTracker, Throughput, Writers, to_scalars, tokens_per_example
 
 
 class Callback:
@@ -75,38 +77,6 @@ def _learning_rate_fn(cfg):
     return schedule if k == 1 else (lambda s: schedule(s // k))
 
 
-def tokens_per_example(batch) -> int:
-    """Tokens in one example when inputs are integer tokens (language data), else 0."""
-    x = batch.get("x") if isinstance(batch, dict) else None
-    if x is None or not np.issubdtype(np.asarray(x).dtype, np.integer):
-        return 0
-    return int(np.prod(np.shape(x)[1:]))
-
-
-class BestTracker:
-    """The best value of one eval metric and the step it came from."""
-
-    def __init__(self, metric: str, mode: str):
-        self.metric, self.mode = metric, mode
-        self.step: int | None = None
-        self.value: float | None = None
-
-    def update(self, step: int, scalars: dict[str, float]) -> bool:
-        """Record `scalars` of `step`; True when it is a new best."""
-        if not self.metric or self.metric not in scalars:
-            return False
-        v = scalars[self.metric]
-        better = self.value is None or (v < self.value if self.mode == "min" else v > self.value)
-        if better:
-            self.step, self.value = step, v
-        return better
-
-    def summary(self) -> dict[str, Any]:
-        if self.step is None:
-            return {}
-        return {f"best_eval_{self.metric}": self.value, "best_step": self.step}
-
-
 @functools.cache
 def _peak(dtype_name: str) -> float:
     return measure_peak_flops(jnp.dtype(dtype_name))
@@ -121,45 +91,71 @@ def _flops_and_peak(log, train_step: Step, state, batch, policy) -> tuple[float,
     return flops, peak
 
 
-def _prepare_workdir(workdir: str | None, cfg) -> None:
-    if workdir is None:
-        return
-    if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+def _open_workdir(workdir: str, cfg, ckpt: Checkpointer | None, state, best) -> tuple[Any, int]:
+    """Create the workdir, or resume from its newest checkpoint: `(state, start_step)`.
+
+    A workdir with metrics but no checkpoint is refused (nothing on disk is overwritten). On
+    resume, `metrics.jsonl` rows after the checkpoint's step are dropped so the log continues
+    without duplicates.
+    """
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if ckpt is not None and ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(state)
+        start = int(jax.device_get(state.step))
+        best.load(meta.get("best", {}))
+        if os.path.exists(metrics_path):
+            with open(metrics_path, encoding="utf-8") as f:
+                keep = [line for line in f if json.loads(line)["step"] <= start]
+            tmp = metrics_path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(keep)
+            os.replace(tmp, metrics_path)  # atomic: the old log is never half-written
+        return state, start
+    if os.path.exists(metrics_path):
         raise FileExistsError(
-            f"workdir {workdir!r} already holds a run (metrics.jsonl): pass a new --workdir "
-            "or remove the old one (resuming needs checkpoints, which this workdir lacks)"
+            f"workdir {workdir!r} already holds a run without checkpoints: pass a new --workdir "
+            "or remove the old one"
         )
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config_lib.to_dict(cfg), f, indent=2)
+    return state, 0
 
 
-def train(
-    exp: Experiment, *, workdir: str | None = None, callbacks: list[Callback] = ()
-) -> TrainResult:
-    """Run the experiment to `train.steps`, writing metrics under `workdir` (if given)."""
+@dataclasses.dataclass
+class Run:
+    """Everything built from a config before the first step."""
+
+    cfg: config_lib.Config
+    data: Dataset
+    policy: Policy
+    graphdef: Any
+    state: TrainState
+    batches: StepBatches
+    train_step: Step
+    eval_step: Step
+
+
+def build(exp: Experiment) -> Run:
+    """Data, policy, optimizer, initial state and compiled steps for an experiment."""
     cfg = config_lib.validate(exp.config)
     t, loss_fn = cfg.train, exp.resolved_loss_fn()
     data = exp.make_data(cfg)
     policy = get_policy(cfg.precision.policy)
+    p = cfg.precision
     loss_scale = make_loss_scale(
-        cfg.precision.loss_scale,
-        policy,
-        init_scale=cfg.precision.init_scale,
-        period=cfg.precision.growth_interval,
+        p.loss_scale, policy, init_scale=p.init_scale, period=p.growth_interval
     )
     tx = make_optimizer(cfg.optimizer, t.steps)
 
     def model_fn(rngs):
         return exp.make_model(cfg, data, policy, rngs)
 
-    graphdef, state = init_state(
-        model_fn, tx, policy, jax.random.PRNGKey(t.seed), loss_scale=loss_scale
-    )
+    rng = jax.random.PRNGKey(t.seed)
+    graphdef, state = init_state(model_fn, tx, policy, rng, loss_scale=loss_scale)
     batches = StepBatches(data.train, t.batch_size, t.seed)
-    first = batches[0]
-    spec = batch_spec_of(first)
-    check_batch_fits(graphdef, loss_fn, policy, state, spec)
+    spec = batch_spec_of(batches[0])
+    check_batch_fits(graphdef, loss_fn, policy, state, spec)  # one-line error, before compiling
     train_step = make_train_step(
         graphdef,
         loss_fn,
@@ -170,16 +166,35 @@ def train(
         batch_spec=spec,
     )
     eval_step = make_eval_step(graphdef, loss_fn, policy)
+    return Run(cfg, data, policy, graphdef, state, batches, train_step, eval_step)
 
-    _prepare_workdir(workdir, cfg)
-    log = cfg.logging
-    writers = Writers.open(workdir, t.steps, tensorboard=log.tensorboard, progress=log.progress)
-    tb_dir = os.path.join(workdir, "tensorboard") if workdir else None
-    profile = ProfileWindow(log.profile_steps, tb_dir)
-    speed = Throughput(0, t.batch_size, tokens_per_example(first))
-    flops, peak = _flops_and_peak(log, train_step, state, first, policy)
-    history: list[dict[str, Any]] = []
+
+def train(
+    exp: Experiment, *, workdir: str | None = None, callbacks: list[Callback] = ()
+) -> TrainResult:
+    """Run the experiment to `train.steps`, writing metrics and checkpoints under `workdir`.
+
+    A workdir that holds checkpoints is resumed from the newest one, exactly: the data position,
+    rng and loss scale all follow from the restored state.
+    """
+    run = build(exp)
+    cfg, t, log, state = run.cfg, run.cfg.train, run.cfg.logging, run.state
     best = BestTracker(t.best_metric, t.best_mode)
+    ckpt, start = None, 0
+    if workdir is not None:
+        c = cfg.checkpoint
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=c.every, keep=c.keep)
+        state, start = _open_workdir(workdir, cfg, ckpt, state, best)
+        if start >= t.steps:  # already finished: report, write nothing
+            ckpt.close()
+            return _finished(exp, run, state, start)
+    writers = Writers.open(workdir, t.steps, tensorboard=log.tensorboard, progress=log.progress)
+    writers.start_at(start)
+    profile = ProfileWindow(log.profile_steps, workdir and os.path.join(workdir, "tensorboard"))
+    first = run.batches[start]
+    speed = Throughput(start, t.batch_size, tokens_per_example(first))
+    flops, peak = _flops_and_peak(log, run.train_step, state, first, run.policy)
+    history: list[dict[str, Any]] = []
 
     def emit(step, split, scalars):
         writers.write(step, split, scalars)
@@ -187,15 +202,23 @@ def train(
         for cb in callbacks:
             cb.on_log(step, split, scalars, state)
 
-    start = time.perf_counter()
+    def meta(step):
+        return {
+            "step": step,
+            "config": config_lib.to_dict(cfg),
+            "version": __version__,
+            "best": best.state_dict(),
+        }
+
+    started = time.perf_counter()
     window: list[dict] = []
     train_scalars: dict[str, float] = {}
     eval_scalars: dict[str, float] = {}
     try:
-        for step, batch in enumerate(batches.iterate(0, t.steps)):  # prefetched by grain
+        for step, batch in enumerate(run.batches.iterate(start, t.steps), start):  # prefetched
             profile.before_step(step)
             with jax.transfer_guard("disallow"):  # every host<->device copy below is explicit
-                state, metrics = train_step(state, jax.device_put(batch))
+                state, metrics = run.train_step(state, jax.device_put(batch))
             window.append(metrics)  # stays on the device until the log step
             profile.after_step(step, state)
             done = step + 1
@@ -206,28 +229,33 @@ def train(
                 window = []
                 emit(done, "train", train_scalars)
             if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
-                eval_scalars = evaluate(eval_step, state, data.eval, t.eval_batch_size)
+                eval_scalars = evaluate(run.eval_step, state, run.data.eval, t.eval_batch_size)
                 best.update(done, eval_scalars)
                 emit(done, "eval", eval_scalars)
+            if ckpt is not None:
+                ckpt.maybe_save(done, state, meta(done), force=done == t.steps)
     finally:
         profile.stop()
         writers.close()
+        if ckpt is not None:
+            ckpt.close()  # waits for the last save to commit
 
     result = TrainResult(
         state,
-        graphdef,
-        policy,
-        data,
+        run.graphdef,
+        run.policy,
+        run.data,
         train_scalars,
         eval_scalars,
         history,
-        time.perf_counter() - start,
+        time.perf_counter() - started,
     )
     result.summary = {
         "experiment": exp.name,
         "steps": t.steps,
+        "resumed_from": start,
         "params": param_count(state.params),
-        "precision": str(policy),
+        "precision": str(run.policy),
         "seconds": round(result.seconds, 2),
         "flops_per_step": flops,
         **best.summary(),
@@ -240,3 +268,29 @@ def train(
     for cb in callbacks:
         cb.on_end(result)
     return result
+
+
+def _finished(exp: Experiment, run: Run, state, step: int) -> TrainResult:
+    """The result of a run restored at or past `train.steps`; nothing on disk changes."""
+    metrics = evaluate(run.eval_step, state, run.data.eval, run.cfg.train.eval_batch_size)
+    result = TrainResult(state, run.graphdef, run.policy, run.data, {}, metrics, [], 0.0)
+    result.summary = {
+        "experiment": exp.name,
+        "steps": run.cfg.train.steps,
+        "resumed_from": step,
+        "note": f"already trained to step {step}; raise train.steps to continue",
+        **{f"eval_{k}": v for k, v in metrics.items()},
+    }
+    return result
+
+
+def evaluate_workdir(exp: Experiment, workdir: str) -> tuple[int, dict[str, float]]:
+    """Restore the newest checkpoint in `workdir` and evaluate it on the held-out split."""
+    run = build(exp)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        state, _ = ckpt.restore(run.state)
+    finally:
+        ckpt.close()
+    metrics = evaluate(run.eval_step, state, run.data.eval, run.cfg.train.eval_batch_size)
+    return int(jax.device_get(state.step)), metrics

@@ -61,6 +61,10 @@ class ProgressWriter:
         self._bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step")
         self._last = initial
 
+    def start_at(self, step: int) -> None:
+        self._bar.update(step - self._last)
+        self._last = step
+
     def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
         if split == "train":
             self._bar.update(step - self._last)
@@ -92,6 +96,12 @@ class Writers:
                 writers.append(TensorBoardWriter(os.path.join(workdir, "tensorboard")))
         return cls(writers)
 
+    def start_at(self, step: int) -> None:
+        """Resume the progress bar at `step`."""
+        for w in self.writers:
+            if isinstance(w, ProgressWriter):
+                w.start_at(step)
+
     def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
         for w in self.writers:
             w.write(step, split, scalars)
@@ -117,3 +127,41 @@ class Throughput:
         if self.tokens_per_example:
             out["tokens_per_sec"] = out["examples_per_sec"] * self.tokens_per_example
         return out
+
+
+def tokens_per_example(batch) -> int:
+    """Tokens in one example when inputs are integer tokens (language data), else 0."""
+    x = batch.get("x") if isinstance(batch, dict) else None
+    if x is None or not np.issubdtype(np.asarray(x).dtype, np.integer):
+        return 0
+    return int(np.prod(np.shape(x)[1:]))
+
+
+class BestTracker:
+    """The best value of one eval metric and the step it came from."""
+
+    def __init__(self, metric: str, mode: str):
+        self.metric, self.mode = metric, mode
+        self.step: int | None = None
+        self.value: float | None = None
+
+    def update(self, step: int, scalars: dict[str, float]) -> bool:
+        """Record `scalars` of `step`; True when it is a new best."""
+        if not self.metric or self.metric not in scalars:
+            return False
+        v = scalars[self.metric]
+        better = self.value is None or (v < self.value if self.mode == "min" else v > self.value)
+        if better:
+            self.step, self.value = step, v
+        return better
+
+    def summary(self) -> dict[str, Any]:
+        if self.step is None:
+            return {}
+        return {f"best_eval_{self.metric}": self.value, "best_step": self.step}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "value": self.value}
+
+    def load(self, saved: dict[str, Any]) -> None:
+        self.step, self.value = saved.get("step"), saved.get("value")

@@ -202,6 +202,7 @@ def test_workdir_contents(run, name):
     exp, result, workdir = run(name)
     cfg = exp.config
     assert sorted(os.listdir(workdir)) == [
+        "checkpoints",
         "config.json",
         "metrics.jsonl",
         "summary.json",
@@ -253,11 +254,13 @@ def test_house_prices_summary_reports_raw_weights(run):
         assert summary[name] == f"{w:.3f} (true {true:.3f})"
 
 
-def test_train_again_on_same_workdir_refuses_and_keeps_files(run):
-    exp, _, workdir = run("house_prices")
+def test_train_again_on_a_finished_workdir_changes_nothing(run):
+    exp, first, workdir = run("house_prices")
     before = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
-    with pytest.raises(FileExistsError, match="already holds a run"):
-        train(_load("house_prices"), workdir=str(workdir))
+    again = train(_load("house_prices"), workdir=str(workdir))
+    assert again.summary["resumed_from"] == exp.config.train.steps
+    assert "already trained" in again.summary["note"]
+    np.testing.assert_allclose(again.eval_metrics["loss"], first.eval_metrics["loss"], rtol=1e-6)
     after = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
     assert after == before  # nothing on disk lost or appended
     assert len(list((workdir / "tensorboard").iterdir())) == 1  # no second event file

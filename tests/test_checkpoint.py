@@ -1,0 +1,142 @@
+"""Checkpoints: exact resume, strict restores, refusing non-finite params, `jaxnv eval`."""
+
+import json
+import os
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxnv import apply_overrides
+from jaxnv.checkpoint import Checkpointer, CheckpointError
+from jaxnv.experiment import load_experiment
+from jaxnv.train import Callback, evaluate_workdir, train
+
+# dropout, fp16 dynamic loss scaling (with a period short enough to grow) and shuffled data
+OVERRIDES = [
+    "model.dropout=0.1",
+    "precision.policy=fp16",
+    "precision.growth_interval=7",
+    "train.steps=40",
+    "train.eval_every=10",
+    "logging.log_every=5",
+    "logging.progress=false",
+    "logging.mfu=false",
+    "checkpoint.every=10",
+    "optimizer.warmup_steps=5",
+]
+TIMING = {"steps_per_sec", "examples_per_sec", "tokens_per_sec", "mfu"}
+
+
+def _exp(*extra):
+    exp = load_experiment("binary_classification")
+    exp.config = apply_overrides(exp.config, [*OVERRIDES, *extra])
+    return exp
+
+
+class Crash(Callback):
+    """Raise after the log of step `at`, like a process dying mid-run."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_log(self, step, split, scalars, state):
+        if step == self.at and split == "train":
+            raise KeyboardInterrupt(f"simulated crash at step {step}")
+
+
+def _rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    return workdir, train(_exp(), workdir=workdir)
+
+
+def test_resume_is_exact(straight, tmp_path):
+    straight_dir, straight_result = straight
+    workdir = str(tmp_path / "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        train(_exp(), workdir=workdir, callbacks=[Crash(25)])
+    assert Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 20
+    resumed = train(_exp(), workdir=workdir)
+    assert resumed.summary["resumed_from"] == 20
+    a = jax.device_get(resumed.state)
+    b = jax.device_get(straight_result.state)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)  # bit-identical params, moments, loss scale, rng
+    assert float(a.loss_scale.loss_scale) != 2.0**15  # the scale did move during the run
+    assert _rows(workdir) == _rows(straight_dir)  # no duplicated or missing rows
+
+
+def test_eval_command_matches_the_final_evaluation(straight):
+    workdir, result = straight
+    step, metrics = evaluate_workdir(_exp(), workdir)
+    assert step == 40
+    for k, v in result.eval_metrics.items():
+        np.testing.assert_allclose(metrics[k], v, rtol=1e-6)
+
+
+def test_keep_n_and_atomic_layout(straight):
+    workdir, _ = straight
+    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert steps == [20, 30, 40]  # checkpoint.keep=3 of 10, 20, 30, 40
+    leftovers = [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in d]
+    assert not leftovers
+
+
+def test_mismatched_model_is_refused_with_the_differing_paths(straight):
+    workdir, _ = straight
+    with pytest.raises(CheckpointError, match=r"does not match this model: .*hidden") as err:
+        evaluate_workdir(_exp("model.features=16,16"), workdir)
+    assert "\n" not in str(err.value)
+
+
+def test_resume_without_checkpoints_refuses_and_keeps_files(tmp_path):
+    workdir = str(tmp_path / "w")
+    train(_exp("checkpoint.every=0", "train.steps=10"), workdir=workdir)
+    os.rename(os.path.join(workdir, "checkpoints"), os.path.join(workdir, "moved"))
+    before = open(os.path.join(workdir, "metrics.jsonl"), "rb").read()
+    with pytest.raises(FileExistsError, match="new --workdir"):
+        train(_exp("train.steps=10"), workdir=workdir)
+    assert open(os.path.join(workdir, "metrics.jsonl"), "rb").read() == before
+
+
+@flax.struct.dataclass
+class _State:
+    params: dict
+    step: jax.Array
+
+
+def test_non_finite_params_are_never_saved(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), every=1)
+    good = _State({"w": jnp.ones((3,))}, jnp.int32(1))
+    assert ckpt.maybe_save(1, good, {})
+    ckpt.wait()
+    bad = _State({"w": jnp.array([1.0, jnp.nan, 0.0])}, jnp.int32(2))
+    with pytest.raises(
+        CheckpointError, match="not finite at step 2.*last good checkpoint is step 1"
+    ):
+        ckpt.maybe_save(2, bad, {})
+    ckpt.close()
+    assert Checkpointer(str(tmp_path)).latest_step() == 1
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), every=1)
+    state = _State({"w": jnp.arange(1000.0)}, jnp.int32(1))
+    ckpt.maybe_save(1, state, {})
+    ckpt.close()
+    for root, _, files in os.walk(tmp_path / "1" / "state"):
+        for name in files:
+            if "manifest" in name or name.endswith(".ocdbt") or "d" == os.path.basename(root):
+                with open(os.path.join(root, name), "wb") as f:
+                    f.write(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot be read.*corrupt"):
+        Checkpointer(str(tmp_path)).restore(state)
