@@ -13,6 +13,7 @@ of the corpus's 103 characters padded to 128.
 
 import jax
 import numpy as np
+from flax import nnx
 
 from jaxnv.config import Config, DataConfig, LoggingConfig, ModelConfig, TrainConfig
 from jaxnv.models import generate
@@ -44,9 +45,11 @@ def config() -> Config:
 
 
 def sample(result, prompt: str = PROMPT, n: int = 100, temperature: float = 0.8, seed: int = 0):
-    """`prompt` continued by `n` sampled characters from the trained model."""
+    """`prompt` continued by up to `n` sampled characters (temperature 0: greedy)."""
     vocab = result.data.info["vocab"]
     ids = np.array([[vocab.index(c) for c in prompt if c in vocab]], np.int32)
+    max_len = nnx.merge(result.graphdef, result.state.params, result.state.model_state).max_seq_len
+    n = min(n, max_len - ids.shape[1])  # the model attends to at most max_seq_len positions
     out = generate(
         result.graphdef,
         result.state.params,
