@@ -127,6 +127,18 @@ def _accumulated_grads(graphdef, loss_fn, policy, state, batch, rng, micro_batch
     return grads, loss, aux, model_state
 
 
+def schedule_count(opt_state, default: jax.Array) -> jax.Array:
+    """The update count optax's schedule reads (`ScaleByScheduleState.count`), else `default`."""
+    found = [
+        x.count
+        for x in jax.tree.leaves(
+            opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState)
+        )
+        if isinstance(x, optax.ScaleByScheduleState)
+    ]
+    return found[0] if found else default
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     loss_fn: LossFn,
@@ -146,8 +158,9 @@ def make_train_step(
     into k slices whose gradients are averaged. Non-finite gradients leave params, optimizer and
     model state exactly as they were and adjust the loss scale. Metrics: `loss`, `grad_norm`,
     `learning_rate` (if `learning_rate_fn`), `loss_scale`, `grads_finite`, and the loss's aux.
-    `learning_rate` is `learning_rate_fn(state.step)`; skipped overflow steps count in `state.step`
-    but not in optax's own count, so after n skips the applied rate is the one n steps earlier.
+    `learning_rate` is the rate this step's update applies: `learning_rate_fn` at optax's own
+    schedule count, which (unlike `state.step`) does not advance on skipped overflow steps or on
+    the in-between calls of `optax.MultiSteps`.
     """
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
@@ -188,7 +201,8 @@ def make_train_step(
             **aux,
         }
         if learning_rate_fn is not None:
-            metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+            count = schedule_count(state.opt_state, state.step)
+            metrics["learning_rate"] = jnp.asarray(learning_rate_fn(count), jnp.float32)
         return new_state, metrics
 
     fn = jax.jit(

@@ -71,12 +71,6 @@ def _mean_window(window: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
-def _learning_rate_fn(cfg):
-    """The learning rate at train step `s` (optax.MultiSteps updates once every k steps)."""
-    schedule, k = make_schedule(cfg.optimizer, cfg.train.steps), cfg.optimizer.accumulate_steps
-    return schedule if k == 1 else (lambda s: schedule(s // k))
-
-
 @functools.cache
 def _peak(dtype_name: str) -> float:
     return measure_peak_flops(jnp.dtype(dtype_name))
@@ -161,7 +155,7 @@ def build(exp: Experiment) -> Run:
         loss_fn,
         tx,
         policy,
-        learning_rate_fn=_learning_rate_fn(cfg),
+        learning_rate_fn=make_schedule(cfg.optimizer, t.steps),
         micro_batches=t.micro_batches,
         batch_spec=spec,
     )

@@ -56,7 +56,7 @@ class ProgressWriter:
     """A tqdm bar over the training steps showing loss and steps/s (ETA from tqdm)."""
 
     def __init__(self, total: int, initial: int = 0, enabled: bool = True):
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         self._bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step")
         self._last = initial

@@ -279,3 +279,24 @@ def test_batch_shape_and_dtype_errors_are_one_line():
     with pytest.raises(ValueError, match=r"model cannot take this batch.*\(16, 5\)") as err:
         check_batch_fits(graphdef, mse_loss, policy, state, batch_spec_of(wide))
     assert "\n" not in str(err.value)
+
+
+def test_learning_rate_metric_is_the_applied_rate_after_skips():
+    """After a skipped overflow step the logged rate follows optax's count, not state.step."""
+    opt_cfg = OptimizerConfig(name="sgd", learning_rate=1.0, schedule="linear", warmup_steps=4)
+    _, state, step = _setup(opt_cfg, total=8)
+    sched = make_schedule(opt_cfg, 8)
+    batches = _batches(4)
+    bad = dict(batches[1], x=batches[1]["x"].copy())
+    bad["x"][0, 0] = np.inf
+    rates = []
+    for batch in (batches[0], bad, batches[2], batches[3]):
+        before = jax.device_get(state.params)
+        state, metrics = step(state, batch)
+        rates.append(float(metrics["learning_rate"]))
+    # updates applied at counts 0, (skip), 1, 2
+    np.testing.assert_allclose(rates, [sched(0), sched(1), sched(1), sched(2)], rtol=1e-6)
+    # plain sgd: the last update is exactly -lr * grad, so the logged rate is the applied one
+    grads = jax.grad(_reference_loss)(_pure(before), batches[3])
+    delta = jax.tree.map(lambda a, b: a - b, _pure(jax.device_get(state.params)), _pure(before))
+    np.testing.assert_allclose(delta["w1"], -rates[-1] * grads["w1"], rtol=1e-5, atol=1e-7)
