@@ -4,8 +4,8 @@
     cfg = apply_overrides(cfg, ["train.steps=200", "optimizer.learning_rate=3e-3"])
 
 Every override is type-checked against the field's annotation; an unknown key is refused with a
-"did you mean". Sections: `model`, `data`, `optimizer`, `precision`, `train`, `checkpoint`,
-`logging`.
+"did you mean". Sections: `model`, `data`, `optimizer`, `precision`, `train`, `mesh`,
+`checkpoint`, `logging`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import typing
 from typing import Any
 
 from jaxnv.optim import OptimizerConfig
+from jaxnv.parallel import MeshConfig
 
 
 @dataclasses.dataclass
@@ -106,6 +107,7 @@ class Config:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 

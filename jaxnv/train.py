@@ -22,9 +22,10 @@ from jaxnv.checkpoint import Checkpointer
 from jaxnv.data import Dataset, StepBatches, eval_batches
 from jaxnv.experiment import Experiment
 from jaxnv.optim import make_optimizer, make_schedule
+from jaxnv.parallel import Plan, batch_divisor, make_mesh, make_plan, put_batch
 from jaxnv.precision import Policy, get_policy, make_loss_scale
 from jaxnv.profiling import ProfileWindow, measure_peak_flops, step_flops
-from jaxnv.state import TrainState, init_state, param_count
+from jaxnv.state import TrainState, abstract_model, abstract_state, init_state, param_count
 from jaxnv.step import Step, batch_spec_of, check_batch_fits, make_eval_step, make_train_step
 from jaxnv.writers import BestTracker, Throughput, Writers, to_scalars, tokens_per_example
 
@@ -54,12 +55,18 @@ class TrainResult:
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def evaluate(eval_step: Step, state: TrainState, arrays, batch_size: int) -> dict[str, float]:
-    """Example-weighted mean of the eval metrics over all of `arrays` (last batch partial)."""
+def evaluate(
+    eval_step: Step, state: TrainState, arrays, batch_size: int, sharding=None
+) -> dict[str, float]:
+    """Example-weighted mean of the eval metrics over all of `arrays` (last batch partial).
+
+    Eval batches are replicated on `sharding`'s mesh (every process holds the whole split).
+    """
     totals: dict[str, float] = {}
     count = 0
     for batch, n in eval_batches(arrays, batch_size):
-        metrics = to_scalars(jax.device_get(eval_step.fn(state, jax.device_put(batch))))
+        batch = jax.device_put(batch, sharding) if sharding is not None else batch
+        metrics = to_scalars(jax.device_get(eval_step.fn(state, batch)))
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v * n
         count += n
@@ -128,10 +135,14 @@ class Run:
     batches: StepBatches
     train_step: Step
     eval_step: Step
+    plan: Plan  # mesh, state and batch shardings, the per-param table
 
 
-def build(exp: Experiment) -> Run:
-    """Data, policy, optimizer, initial state and compiled steps for an experiment."""
+def build(exp: Experiment, devices=None) -> Run:
+    """Data, policy, optimizer, initial state and compiled steps for an experiment.
+
+    The mesh spans `devices` (default: all devices of all processes).
+    """
     cfg = config_lib.validate(exp.config)
     t, loss_fn = cfg.train, exp.resolved_loss_fn()
     data = exp.make_data(cfg)
@@ -146,8 +157,25 @@ def build(exp: Experiment) -> Run:
         return exp.make_model(cfg, data, policy, rngs)
 
     rng = jax.random.PRNGKey(t.seed)
-    graphdef, state = init_state(model_fn, tx, policy, rng, loss_scale=loss_scale)
-    batches = StepBatches(data.train, t.batch_size, t.seed)
+    mesh = make_mesh(cfg.mesh, devices)
+    ways = batch_divisor(mesh)
+    if (t.batch_size // t.micro_batches) % ways:
+        raise config_lib.ConfigError(
+            f"train.batch_size={t.batch_size} (per micro-batch {t.batch_size // t.micro_batches})"
+            f" does not split over mesh data*fsdp={ways}: use a multiple of {ways}"
+        )
+    template = abstract_state(model_fn, tx, policy, rng, loss_scale=loss_scale)
+    plan = make_plan(abstract_model(model_fn), template, mesh, cfg.mesh.rules)
+    graphdef, state = init_state(
+        model_fn, tx, policy, rng, loss_scale=loss_scale, out_shardings=plan.state
+    )  # each device creates only its own shards
+    batches = StepBatches(
+        data.train,
+        t.batch_size,
+        t.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     spec = batch_spec_of(batches[0])
     check_batch_fits(graphdef, loss_fn, policy, state, spec)  # one-line error, before compiling
     train_step = make_train_step(
@@ -157,21 +185,27 @@ def build(exp: Experiment) -> Run:
         policy,
         learning_rate_fn=make_schedule(cfg.optimizer, t.steps),
         micro_batches=t.micro_batches,
-        batch_spec=spec,
+        batch_spec=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), spec),
+        state_sharding=plan.state,
+        batch_sharding=plan.batch,
     )
     eval_step = make_eval_step(graphdef, loss_fn, policy)
-    return Run(cfg, data, policy, graphdef, state, batches, train_step, eval_step)
+    return Run(cfg, data, policy, graphdef, state, batches, train_step, eval_step, plan)
 
 
 def train(
-    exp: Experiment, *, workdir: str | None = None, callbacks: list[Callback] = ()
+    exp: Experiment,
+    *,
+    workdir: str | None = None,
+    callbacks: list[Callback] = (),
+    devices=None,
 ) -> TrainResult:
     """Run the experiment to `train.steps`, writing metrics and checkpoints under `workdir`.
 
     A workdir that holds checkpoints is resumed from the newest one, exactly: the data position,
     rng and loss scale all follow from the restored state.
     """
-    run = build(exp)
+    run = build(exp, devices)
     cfg, t, log, state = run.cfg, run.cfg.train, run.cfg.logging, run.state
     best = BestTracker(t.best_metric, t.best_mode)
     ckpt, start = None, 0
@@ -212,7 +246,7 @@ def train(
         for step, batch in enumerate(run.batches.iterate(start, t.steps), start):  # prefetched
             profile.before_step(step)
             with jax.transfer_guard("disallow"):  # every host<->device copy below is explicit
-                state, metrics = run.train_step(state, jax.device_put(batch))
+                state, metrics = run.train_step(state, put_batch(batch, run.plan.batch))
             window.append(metrics)  # stays on the device until the log step
             profile.after_step(step, state)
             done = step + 1
@@ -223,7 +257,9 @@ def train(
                 window = []
                 emit(done, "train", train_scalars)
             if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
-                eval_scalars = evaluate(run.eval_step, state, run.data.eval, t.eval_batch_size)
+                eval_scalars = evaluate(
+                    run.eval_step, state, run.data.eval, t.eval_batch_size, run.plan.replicated
+                )
                 best.update(done, eval_scalars)
                 emit(done, "eval", eval_scalars)
             if ckpt is not None:
@@ -266,7 +302,9 @@ def train(
 
 def _finished(exp: Experiment, run: Run, state, step: int) -> TrainResult:
     """The result of a run restored at or past `train.steps`; nothing on disk changes."""
-    metrics = evaluate(run.eval_step, state, run.data.eval, run.cfg.train.eval_batch_size)
+    metrics = evaluate(
+        run.eval_step, state, run.data.eval, run.cfg.train.eval_batch_size, run.plan.replicated
+    )
     result = TrainResult(state, run.graphdef, run.policy, run.data, {}, metrics, [], 0.0)
     result.summary = {
         "experiment": exp.name,
@@ -278,13 +316,15 @@ def _finished(exp: Experiment, run: Run, state, step: int) -> TrainResult:
     return result
 
 
-def evaluate_workdir(exp: Experiment, workdir: str) -> tuple[int, dict[str, float]]:
+def evaluate_workdir(exp: Experiment, workdir: str, devices=None) -> tuple[int, dict[str, float]]:
     """Restore the newest checkpoint in `workdir` and evaluate it on the held-out split."""
-    run = build(exp)
+    run = build(exp, devices)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
         state, _ = ckpt.restore(run.state)
     finally:
         ckpt.close()
-    metrics = evaluate(run.eval_step, state, run.data.eval, run.cfg.train.eval_batch_size)
+    metrics = evaluate(
+        run.eval_step, state, run.data.eval, run.cfg.train.eval_batch_size, run.plan.replicated
+    )
     return int(jax.device_get(state.step)), metrics

@@ -1,0 +1,190 @@
+"""Meshes, rule tables, and the invariant: the same loss curve on 1 device and on 8 under every
+sharding preset; elastic resume from 8 devices (fsdp) onto 4 (dp)."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxnv import apply_overrides
+from jaxnv.experiment import load_experiment
+from jaxnv.models import MLP, Transformer
+from jaxnv.optim import OptimizerConfig, make_optimizer
+from jaxnv.parallel import MeshConfig, get_rules, make_mesh, make_plan, mesh_shape
+from jaxnv.precision import get_policy
+from jaxnv.state import abstract_model, abstract_state
+from jaxnv.train import Callback, build, train
+
+QUIET = ["logging.progress=false", "logging.mfu=false"]
+BASE = [
+    *QUIET,
+    "model.features=32,32",
+    "train.steps=30",
+    "train.eval_every=0",
+    "logging.log_every=1",
+    "optimizer.warmup_steps=5",
+]
+
+
+def _exp(*overrides):
+    exp = load_experiment("binary_classification")
+    exp.config = apply_overrides(exp.config, [*BASE, *overrides])
+    return exp
+
+
+def _losses(result):
+    return np.array([r["loss"] for r in result.history if r["split"] == "train"])
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    return train(_exp(), devices=jax.devices()[:1])
+
+
+def test_mesh_shapes_and_errors():
+    assert mesh_shape(MeshConfig(), 8) == (8, 1, 1)
+    assert mesh_shape(MeshConfig(data=2, fsdp=-1, tensor=2), 8) == (2, 2, 2)
+    with pytest.raises(ValueError, match="only one of"):
+        mesh_shape(MeshConfig(data=-1, fsdp=-1), 8)
+    with pytest.raises(ValueError, match=r"3\*1\*1 = 3 but 8 devices.*make the product 8"):
+        mesh_shape(MeshConfig(data=3), 8)
+    with pytest.raises(ValueError, match="does not divide 8 devices"):
+        mesh_shape(MeshConfig(data=-1, fsdp=3), 8)
+    with pytest.raises(ValueError, match="did you mean 'fsdp'"):
+        get_rules("fsdb")
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    assert mesh.axis_names == ("data", "fsdp", "tensor")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def _mlp_plan(rules, mesh_cfg):
+    policy = get_policy("fp32")
+    tx = make_optimizer(OptimizerConfig(name="adamw"), 10)
+
+    def model_fn(rngs):
+        return MLP(16, (64, 64), 8, policy=policy, rngs=rngs)
+
+    template = abstract_state(model_fn, tx, policy, jax.random.PRNGKey(0))
+    return make_plan(abstract_model(model_fn), template, make_mesh(mesh_cfg), rules)
+
+
+GOLDEN_MLP = {  # param path -> PartitionSpec, per preset (mesh 2 x 2 x 2)
+    "dp": {"hidden/0/kernel": P(None, None), "hidden/1/kernel": P(None, None)},
+    "fsdp": {
+        "hidden/0/kernel": P("fsdp", None),
+        "hidden/0/bias": P(None),
+        "hidden/1/kernel": P(None, "fsdp"),
+        "hidden/1/bias": P("fsdp"),
+        "head/kernel": P("fsdp", None),
+    },
+    "tp": {
+        "hidden/0/kernel": P(None, "tensor"),  # column-parallel
+        "hidden/0/bias": P("tensor"),
+        "hidden/1/kernel": P("tensor", None),  # row-parallel
+        "hidden/1/bias": P(None),
+        "head/kernel": P(None, None),
+    },
+    "fsdp+tp": {
+        "hidden/0/kernel": P("fsdp", "tensor"),
+        "hidden/1/kernel": P("tensor", "fsdp"),
+        "head/kernel": P("fsdp", None),
+    },
+}
+
+
+@pytest.mark.parametrize("rules", sorted(GOLDEN_MLP))
+def test_golden_mlp_sharding_tables(rules):
+    plan = _mlp_plan(rules, MeshConfig(data=2, fsdp=2, tensor=2))
+    table = {path: spec for path, _, _, spec in plan.table}
+    for path, spec in GOLDEN_MLP[rules].items():
+        assert table[path] == spec, (path, table[path])
+    # adam moments shaped like a param share its sharding; the step counter is replicated
+    mu = plan.state.opt_state["optimizer"][0].mu
+    assert mu["hidden"][0]["kernel"].spec == table["hidden/0/kernel"]
+    assert plan.state.step.spec == P()
+
+
+def test_golden_transformer_tp_table():
+    policy = get_policy("fp32")
+    tx = make_optimizer(OptimizerConfig(name="adamw"), 10)
+
+    def model_fn(rngs):
+        return Transformer(
+            100, num_layers=1, num_heads=4, embed_dim=32, max_seq_len=16, policy=policy, rngs=rngs
+        )
+
+    template = abstract_state(model_fn, tx, policy, jax.random.PRNGKey(0))
+    mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=4))
+    table = {p: s for p, _, _, s in make_plan(abstract_model(model_fn), template, mesh, "tp").table}
+    wq = next(k for k in table if k.endswith("wq"))
+    wo = next(k for k in table if k.endswith("wo"))
+    assert table[wq] == P(None, "tensor", None)  # heads split: column-parallel
+    assert table[wo] == P("tensor", None, None)  # row-parallel back to embed
+    emb = next(k for k in table if "embed" in k and table[k] != P(None))
+    assert table[emb][0] == "tensor"  # vocabulary (padded to 128) split over tensor
+
+
+@pytest.mark.parametrize(
+    "mesh",
+    [
+        ("dp", 8, 1, 1),
+        ("fsdp", 1, 8, 1),
+        ("tp", 4, 1, 2),
+        ("fsdp+tp", 2, 2, 2),
+    ],
+    ids=lambda m: m[0],
+)
+def test_same_loss_curve_on_8_devices_under_every_preset(one_device, mesh):
+    rules, d, f, t = mesh
+    result = train(
+        _exp(f"mesh.rules={rules}", f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}")
+    )
+    np.testing.assert_allclose(_losses(result), _losses(one_device), rtol=1e-5)
+    for a, b in zip(
+        jax.tree.leaves(jax.device_get(result.state.params)),
+        jax.tree.leaves(jax.device_get(one_device.state.params)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_state_is_really_sharded():
+    run = build(_exp("mesh.rules=fsdp", "mesh.data=1", "mesh.fsdp=8"))
+    kernel = run.state.params["hidden"][1]["kernel"]  # (32, 32), split on the embed dim
+    assert kernel.sharding.spec == P(None, "fsdp")
+    assert {s.data.shape for s in kernel.addressable_shards} == {(32, 4)}
+    nu = run.state.opt_state["optimizer"][0].nu["hidden"][1]["kernel"]
+    assert {s.data.shape for s in nu.addressable_shards} == {(32, 4)}
+
+
+def test_batch_that_does_not_split_is_refused():
+    with pytest.raises(ValueError, match="does not split over mesh data\\*fsdp=8"):
+        build(_exp("train.batch_size=36"))
+
+
+class Crash(Callback):
+    def on_log(self, step, split, scalars, state):
+        if step == 17:
+            raise KeyboardInterrupt
+
+
+def test_elastic_resume_from_8_fsdp_devices_onto_4_dp(one_device, tmp_path):
+    workdir = str(tmp_path / "w")
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            _exp("mesh.rules=fsdp", "mesh.data=1", "mesh.fsdp=8", "checkpoint.every=15"),
+            workdir=workdir,
+            callbacks=[Crash()],
+        )
+    resumed = train(
+        _exp("mesh.rules=dp", "mesh.data=4", "checkpoint.every=15"),
+        workdir=workdir,
+        devices=jax.devices()[:4],
+    )
+    assert resumed.summary["resumed_from"] == 15
+    assert len(resumed.state.params["head"]["kernel"].sharding.device_set) == 4
+    with open(f"{workdir}/metrics.jsonl", encoding="utf-8") as f:
+        import json
+
+        losses = [json.loads(line)["loss"] for line in f if '"train"' in line]
+    np.testing.assert_allclose(losses, _losses(one_device), rtol=1e-5)
