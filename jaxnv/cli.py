@@ -1,7 +1,10 @@
-"""The `jaxnv` command line: `train`, `eval`, `info`.
+"""The `jaxnv` command line: `train`, `eval`, `export`, `predict`, `info`.
 
     jaxnv train EXPERIMENT [--workdir DIR] [KEY=VALUE ...]
     jaxnv eval EXPERIMENT --workdir DIR [KEY=VALUE ...]
+    jaxnv export EXPERIMENT --workdir DIR --out PATH [KEY=VALUE ...]
+    jaxnv predict PATH --input INPUT.npy [--output OUT.npy]
+    jaxnv launch -n N [--cpu-devices K] -- train EXPERIMENT ...
     jaxnv info
 
 `JAXNV_CPU_DEVICES=N` simulates N CPU devices (set before JAX starts).
@@ -37,10 +40,24 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(json.dumps(config_lib.to_dict(exp.config), indent=2))
         return 0
-    workdir = args.workdir or os.path.join("runs", exp.name, time.strftime("%Y%m%d-%H%M%S"))
-    print(f"jaxnv: training {exp.name} in {workdir}", flush=True)
+    import jax
+
+    workdir = args.workdir
+    if workdir is None:
+        stamp = time.time()
+        if jax.process_count() > 1:  # every process must pick the same directory
+            import numpy as np
+            from jax.experimental import multihost_utils
+
+            stamp = float(multihost_utils.broadcast_one_to_all(np.float64(stamp)))
+        name = time.strftime("%Y%m%d-%H%M%S", time.localtime(stamp))
+        workdir = os.path.join("runs", exp.name, name)
+    primary = jax.process_index() == 0
+    if primary:
+        print(f"jaxnv: training {exp.name} in {workdir}", flush=True)
     result = train(exp, workdir=workdir)
-    print("jaxnv: summary " + json.dumps(result.summary, default=float))
+    if primary:
+        print("jaxnv: summary " + json.dumps(result.summary, default=float))
     return 0
 
 
@@ -54,6 +71,61 @@ def cmd_eval(args) -> int:
     step, metrics = evaluate_workdir(exp, args.workdir)
     print(json.dumps({"step": step, "split": "eval", **metrics}))
     return 0
+
+
+def cmd_export(args) -> int:
+    from jaxnv import config as config_lib
+    from jaxnv.experiment import load_experiment
+    from jaxnv.export import MANIFEST, export_workdir
+
+    exp = load_experiment(args.experiment)
+    exp.config = config_lib.validate(config_lib.apply_overrides(exp.config, args.overrides))
+    platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())
+    out = export_workdir(exp, args.workdir, args.out, platforms=platforms)
+    with open(os.path.join(out, MANIFEST), encoding="utf-8") as f:
+        m = json.load(f)
+    print(
+        f"jaxnv: exported {exp.name} step {m['meta']['step']} to {out}: input "
+        f"{_shape(m['input'])} -> output {_shape(m['output'])} on {', '.join(m['platforms'])}"
+    )
+    return 0
+
+
+def _shape(spec: dict) -> str:
+    dims = ", ".join("batch" if d is None else str(d) for d in spec["shape"])
+    return f"({dims}) {spec['dtype']}"
+
+
+def cmd_predict(args) -> int:
+    import numpy as np
+
+    from jaxnv.export import load
+
+    if args.output and os.path.exists(args.output):
+        raise FileExistsError(f"--output {args.output!r} already exists: pass a new path")
+    x = np.load(args.input, allow_pickle=False)
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"--input {args.input!r} is an .npz archive: pass one array as .npy")
+    y = load(args.path)(x)
+    if y.dtype.kind == "V":  # bfloat16 & co. are not numpy dtypes: np.save would write raw bytes
+        y = y.astype(np.float32)
+    if args.output:
+        with open(args.output, "xb") as f:  # exactly this name (np.save adds .npy to a path)
+            np.save(f, y, allow_pickle=False)
+    else:
+        print(np.array2string(y, threshold=20))
+    written = f", written to {args.output}" if args.output else ""
+    print(f"jaxnv: predicted {y.shape} {y.dtype.name} from input {x.shape} {x.dtype.name}{written}")
+    return 0
+
+
+def cmd_launch(args) -> int:
+    from jaxnv.distributed import launch
+
+    rest = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
+    if not rest:
+        raise ValueError("launch needs a command: jaxnv launch -n 2 -- train EXPERIMENT ...")
+    return launch(rest, args.num_processes, args.cpu_devices)
 
 
 def cmd_info(args) -> int:
@@ -79,6 +151,25 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.eval_batch_size=64"
     )
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("export", help="export the newest checkpoint's predict (jax.export)")
+    p.add_argument("experiment")
+    p.add_argument("--workdir", required=True, help="a workdir written by `jaxnv train`")
+    p.add_argument("--out", required=True, help="the export directory to create (not overwritten)")
+    p.add_argument(
+        "--platforms", default="cpu,cuda", help="comma-separated jax.export platforms (cpu,cuda)"
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="as given to `jaxnv train`")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("predict", help="run an export on an .npy input (no experiment code)")
+    p.add_argument("path", help="an export directory written by `jaxnv export`")
+    p.add_argument("--input", required=True, help="a .npy array (batch first)")
+    p.add_argument("--output", help="where to np.save the predictions (.npy; not overwritten)")
+    p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("launch", help="run a jaxnv command in N local processes (jax.distributed)")
+    p.add_argument("-n", "--num-processes", type=int, required=True)
+    p.add_argument("--cpu-devices", type=int, default=0, help="simulated CPU devices per process")
+    p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    p.set_defaults(func=cmd_launch)
     p = sub.add_parser("info", help="backend, devices, the auto precision and versions")
     p.set_defaults(func=cmd_info)
     return parser
@@ -90,17 +181,39 @@ def main(argv: list[str] | None = None) -> int:
     # argparse stops filling a `nargs="*"` positional at the first option, so KEY=VALUE items
     # after `--workdir DIR` come back as extras: they are overrides too (the documented order).
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command not in ("train", "eval") or any(e.startswith("-") for e in extra)):
+    takes_overrides = args.command in ("train", "eval", "export")
+    if extra and (not takes_overrides or any(e.startswith("-") for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     _setup_devices()
+    joined = False
+    if args.command != "launch":
+        from jaxnv import distributed
+
+        joined = distributed.initialize()  # a multi-process run, when the environment says so
     try:
-        return args.func(args)
+        code = args.func(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"jaxnv: error: {msg}", file=sys.stderr)
-        return 2
+        code = 2
+    except SystemExit as err:
+        code = err.code if isinstance(err.code, int) else 1
+    except BaseException:
+        if not joined:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    if joined and code:
+        # a failed process must not wait in jax.distributed's shutdown barrier for peers that
+        # are still training: leave now so that `launch` (or the cluster) stops the rest
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from jaxnv import __version__
 from jaxnv import config as config_lib
 from jaxnv.checkpoint import Checkpointer
 from jaxnv.data import Dataset, StepBatches, eval_batches
+from jaxnv.distributed import is_primary
 from jaxnv.experiment import Experiment
 from jaxnv.optim import make_optimizer, make_schedule
 from jaxnv.parallel import Plan, batch_divisor, make_mesh, make_plan, put_batch
@@ -104,7 +105,7 @@ def _open_workdir(workdir: str, cfg, ckpt: Checkpointer | None, state, best) -> 
         state, meta = ckpt.restore(state)
         start = int(jax.device_get(state.step))
         best.load(meta.get("best", {}))
-        if os.path.exists(metrics_path):
+        if os.path.exists(metrics_path) and is_primary():
             with open(metrics_path, encoding="utf-8") as f:
                 keep = [line for line in f if json.loads(line)["step"] <= start]
             tmp = metrics_path + ".tmp"
@@ -118,8 +119,9 @@ def _open_workdir(workdir: str, cfg, ckpt: Checkpointer | None, state, best) -> 
             "or remove the old one"
         )
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config_lib.to_dict(cfg), f, indent=2)
+    if is_primary():
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config_lib.to_dict(cfg), f, indent=2)
     return state, 0
 
 
@@ -216,9 +218,17 @@ def train(
         if start >= t.steps:  # already finished: report, write nothing
             ckpt.close()
             return _finished(exp, run, state, start)
-    writers = Writers.open(workdir, t.steps, tensorboard=log.tensorboard, progress=log.progress)
+    primary = is_primary()  # only process 0 writes logs and metrics
+    writers = Writers.open(
+        workdir if primary else None,
+        t.steps,
+        tensorboard=log.tensorboard,
+        progress=log.progress,
+        console=primary,
+    )
     writers.start_at(start)
-    profile = ProfileWindow(log.profile_steps, workdir and os.path.join(workdir, "tensorboard"))
+    tb_dir = os.path.join(workdir, "tensorboard") if workdir and primary else None
+    profile = ProfileWindow(log.profile_steps, tb_dir)
     first = run.batches[start]
     speed = Throughput(start, t.batch_size, tokens_per_example(first))
     flops, peak = _flops_and_peak(log, run.train_step, state, first, run.policy)
@@ -245,8 +255,9 @@ def train(
     try:
         for step, batch in enumerate(run.batches.iterate(start, t.steps), start):  # prefetched
             profile.before_step(step)
-            with jax.transfer_guard("disallow"):  # every host<->device copy below is explicit
-                state, metrics = run.train_step(state, put_batch(batch, run.plan.batch))
+            batch = put_batch(batch, run.plan.batch)  # the one host-to-device copy per step
+            with jax.transfer_guard("disallow"):  # nothing else may move implicitly
+                state, metrics = run.train_step(state, batch)
             window.append(metrics)  # stays on the device until the log step
             profile.after_step(step, state)
             done = step + 1
@@ -292,7 +303,7 @@ def train(
         **{f"eval_{k}": v for k, v in eval_scalars.items()},
         **(exp.summarize(result) if exp.summarize else {}),
     }
-    if workdir is not None:
+    if workdir is not None and primary:
         with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(result.summary, f, indent=2, default=float)
     for cb in callbacks:

@@ -87,8 +87,10 @@ class Writers:
         self.writers = list(writers)
 
     @classmethod
-    def open(cls, workdir: str | None, total_steps: int, *, tensorboard=True, progress=True):
-        writers: list[Any] = [ProgressWriter(total_steps, enabled=progress)]
+    def open(
+        cls, workdir: str | None, total_steps: int, *, tensorboard=True, progress=True, console=True
+    ):
+        writers: list[Any] = [ProgressWriter(total_steps, enabled=progress)] if console else []
         if workdir is not None:
             os.makedirs(workdir, exist_ok=True)
             writers.append(JsonlWriter(os.path.join(workdir, "metrics.jsonl")))
