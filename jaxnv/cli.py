@@ -200,13 +200,19 @@ def main(argv: list[str] | None = None) -> int:
         code = 2
     except SystemExit as err:
         code = err.code if isinstance(err.code, int) else 1
-    except BaseException:
-        if not joined:
-            raise
-        import traceback
+    except BaseException as err:
+        from jaxnv.preemption import EXIT_PREEMPTED, Preempted
 
-        traceback.print_exc()
-        code = 1
+        if isinstance(err, Preempted):
+            print(f"jaxnv: {err}", file=sys.stderr)
+            code = EXIT_PREEMPTED
+        elif joined:  # see below: never wait for peers after a failure
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        else:
+            raise
     if joined and code:
         # a failed process must not wait in jax.distributed's shutdown barrier for peers that
         # are still training: leave now so that `launch` (or the cluster) stops the rest

@@ -25,6 +25,7 @@ from jaxnv.experiment import Experiment
 from jaxnv.optim import make_optimizer, make_schedule
 from jaxnv.parallel import Plan, batch_divisor, make_mesh, make_plan, put_batch
 from jaxnv.precision import Policy, get_policy, make_loss_scale
+from jaxnv.preemption import Preempted, PreemptionGuard
 from jaxnv.profiling import ProfileWindow, measure_peak_flops, step_flops
 from jaxnv.state import TrainState, abstract_model, abstract_state, init_state, param_count
 from jaxnv.step import Step, batch_spec_of, check_batch_fits, make_eval_step, make_train_step
@@ -252,6 +253,7 @@ def train(
     window: list[dict] = []
     train_scalars: dict[str, float] = {}
     eval_scalars: dict[str, float] = {}
+    guard = PreemptionGuard(sync_every=log.log_every).__enter__()
     try:
         for step, batch in enumerate(run.batches.iterate(start, t.steps), start):  # prefetched
             profile.before_step(step)
@@ -273,9 +275,13 @@ def train(
                 )
                 best.update(done, eval_scalars)
                 emit(done, "eval", eval_scalars)
+            stop = guard.should_stop(done)  # SIGTERM/SIGINT: save this step, then leave
             if ckpt is not None:
-                ckpt.maybe_save(done, state, meta(done), force=done == t.steps)
+                ckpt.maybe_save(done, state, meta(done), force=done == t.steps or stop)
+            if stop:
+                raise Preempted(done, guard.signum)
     finally:
+        guard.__exit__()
         profile.stop()
         writers.close()
         if ckpt is not None:
