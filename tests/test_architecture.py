@@ -6,7 +6,18 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "jaxnv"
-CORE = ["config", "precision", "losses", "optim", "parallel", "models", "state", "step", "tasks"]
+CORE = [
+    "config",
+    "precision",
+    "losses",
+    "optim",
+    "parallel",
+    "models",
+    "state",
+    "step",
+    "shardmap",
+    "tasks",
+]
 SHELL = {"data", "writers", "experiment", "train", "cli", "info"}
 IO_MODULES = {"os", "io", "shutil", "subprocess", "tqdm", "tensorboardX", "grain", "pickle"}
 
