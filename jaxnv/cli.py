@@ -40,6 +40,12 @@ def cmd_train(args) -> int:
     if args.print_config:
         print(json.dumps(config_lib.to_dict(exp.config), indent=2))
         return 0
+    if args.dry_run:
+        from jaxnv.report import dry_run
+        from jaxnv.train import build
+
+        print(dry_run(build(exp, abstract=True)))
+        return 0
     import jax
 
     workdir = args.workdir
@@ -142,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment")
     p.add_argument("--workdir", help="where config.json, metrics.jsonl, tensorboard/ go")
     p.add_argument("--print-config", action="store_true", help="print the config and exit")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="compile the step for the mesh, print shardings and memory, and exit",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.steps=100")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("eval", help="evaluate the newest checkpoint of a workdir")

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxnv import __version__
 from jaxnv import config as config_lib
@@ -26,7 +27,8 @@ from jaxnv.optim import make_optimizer, make_schedule
 from jaxnv.parallel import Plan, batch_divisor, make_mesh, make_plan, put_batch
 from jaxnv.precision import Policy, get_policy, make_loss_scale
 from jaxnv.preemption import Preempted, PreemptionGuard
-from jaxnv.profiling import ProfileWindow, measure_peak_flops, step_flops
+from jaxnv.profiling import ProfileWindow, compiled_flops, measure_peak_flops
+from jaxnv.report import compile_step, format_report
 from jaxnv.state import TrainState, abstract_model, abstract_state, init_state, param_count
 from jaxnv.step import Step, batch_spec_of, check_batch_fits, make_eval_step, make_train_step
 from jaxnv.writers import BestTracker, Throughput, Writers, to_scalars, tokens_per_example
@@ -85,11 +87,11 @@ def _peak(dtype_name: str) -> float:
     return measure_peak_flops(jnp.dtype(dtype_name))
 
 
-def _flops_and_peak(log, train_step: Step, state, batch, policy) -> tuple[float, float]:
+def _flops_and_peak(log, compiled, policy) -> tuple[float, float]:
     """FLOPs per step (XLA cost analysis) and the device peak (declared or measured once)."""
     if not log.mfu:
         return 0.0, 0.0
-    flops = step_flops(train_step.fn, state, batch)
+    flops = compiled_flops(compiled)
     peak = log.peak_flops or _peak(jnp.dtype(policy.compute_dtype).name)
     return flops, peak
 
@@ -141,10 +143,12 @@ class Run:
     plan: Plan  # mesh, state and batch shardings, the per-param table
 
 
-def build(exp: Experiment, devices=None) -> Run:
+def build(exp: Experiment, devices=None, *, abstract: bool = False) -> Run:
     """Data, policy, optimizer, initial state and compiled steps for an experiment.
 
-    The mesh spans `devices` (default: all devices of all processes).
+    The mesh spans `devices` (default: all devices of all processes). With `abstract=True` the
+    state is only shapes and shardings (`jax.ShapeDtypeStruct`s): nothing is allocated, which is
+    what a dry run needs.
     """
     cfg = config_lib.validate(exp.config)
     t, loss_fn = cfg.train, exp.resolved_loss_fn()
@@ -169,9 +173,15 @@ def build(exp: Experiment, devices=None) -> Run:
         )
     template = abstract_state(model_fn, tx, policy, rng, loss_scale=loss_scale)
     plan = make_plan(abstract_model(model_fn), template, mesh, cfg.mesh.rules)
-    graphdef, state = init_state(
-        model_fn, tx, policy, rng, loss_scale=loss_scale, out_shardings=plan.state
-    )  # each device creates only its own shards
+    if abstract:
+        graphdef = nnx.graphdef(abstract_model(model_fn))
+        state = jax.tree.map(
+            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), template, plan.state
+        )
+    else:  # each device creates only its own shards
+        graphdef, state = init_state(
+            model_fn, tx, policy, rng, loss_scale=loss_scale, out_shardings=plan.state
+        )
     batches = StepBatches(
         data.train,
         t.batch_size,
@@ -232,7 +242,11 @@ def train(
     profile = ProfileWindow(log.profile_steps, tb_dir)
     first = run.batches[start]
     speed = Throughput(start, t.batch_size, tokens_per_example(first))
-    flops, peak = _flops_and_peak(log, run.train_step, state, first, run.policy)
+    compiled = compile_step(run)  # ahead of time: the step's one compilation, reused below
+    run.train_step.fn = compiled
+    if primary and log.progress:
+        print(format_report(run, compiled), flush=True)
+    flops, peak = _flops_and_peak(log, compiled, run.policy)
     history: list[dict[str, Any]] = []
 
     def emit(step, split, scalars):

@@ -18,7 +18,20 @@ CORE = [
     "shardmap",
     "tasks",
 ]
-SHELL = {"data", "writers", "experiment", "train", "cli", "info"}
+SHELL = {
+    "data",
+    "writers",
+    "experiment",
+    "train",
+    "cli",
+    "info",
+    "checkpoint",
+    "export",
+    "distributed",
+    "preemption",
+    "profiling",
+    "report",
+}
 IO_MODULES = {"os", "io", "shutil", "subprocess", "tqdm", "tensorboardX", "grain", "pickle"}
 
 
