@@ -1,15 +1,20 @@
 """Framework overhead: a jaxnv train step against a hand-written plain JAX + optax step.
 
-Run:  .venv/bin/python benchmarks/overhead.py [--repeats 7] [--steps 200]
+Run:  .venv/bin/python benchmarks/overhead.py [--repeats 7] [--steps 200] [--no-append]
 
-Both steps train the same MLP with the same optimizer (adamw), fp32, same batch, both jitted with
-the state donated. The contenders are timed interleaved in one process; each repeat times `steps`
-back-to-back calls ending in one `block_until_ready`. Prints medians and the ratio jaxnv / plain.
+Step level: both steps train the same MLP with adamw, fp32, the same device-resident batch, both
+jitted with the state donated. jaxnv's contender is what its loop calls: the jitted step behind
+the per-call batch check. Loop level: `jaxnv.train` (batches gathered and copied to the device by
+grain threads, metrics fetched every `log_every` steps) against the same jitted step called in a
+bare Python loop on one resident batch. Contenders run interleaved in one process; medians of
+`repeats`; ratios last. Appends a row per case to benchmarks/RESULTS.md unless --no-append.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import platform
 import statistics
 import time
@@ -19,17 +24,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxnv import apply_overrides
+from jaxnv.experiment import load_experiment
 from jaxnv.models import MLP
 from jaxnv.optim import OptimizerConfig, make_optimizer
 from jaxnv.precision import get_policy
 from jaxnv.state import init_state
 from jaxnv.step import batch_spec_of, make_train_step
 from jaxnv.tasks import mse_loss
+from jaxnv.train import build, train
 
 CASES = {  # name: (in, hidden widths, out, batch)
     "mlp 10-5-1, batch 16": (10, (5,), 1, 16),
     "mlp 256-1024-1024-10, batch 256": (256, (1024, 1024), 10, 256),
 }
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 
 def plain_step_fn(tx):
@@ -61,11 +70,11 @@ def time_calls(fn, state, batch, steps):
     return state, (time.perf_counter() - start) / steps
 
 
-def bench_case(name, spec, repeats, steps):
+def bench_step(spec, repeats, steps):
+    """Median seconds per step: plain JAX + optax vs jaxnv's checked, AOT-compiled step."""
     d_in, hidden, d_out, bs = spec
     policy = get_policy("fp32")
-    cfg = OptimizerConfig(name="adamw", learning_rate=1e-3, weight_decay=0.0)
-    tx = make_optimizer(cfg, 10_000)
+    tx = make_optimizer(OptimizerConfig(name="adamw", learning_rate=1e-3), 10_000)
     rng = np.random.default_rng(0)
     batch = {
         "x": jnp.asarray(rng.normal(size=(bs, d_in)), jnp.float32),
@@ -74,44 +83,84 @@ def bench_case(name, spec, repeats, steps):
     graphdef, state = init_state(
         lambda r: MLP(d_in, hidden, d_out, policy=policy, rngs=r), tx, policy, jax.random.key(0)
     )
-    checked = make_train_step(graphdef, mse_loss, tx, policy, batch_spec=batch_spec_of(batch))
-    dims = [d_in, *hidden, d_out]
+    step = make_train_step(graphdef, mse_loss, tx, policy, batch_spec=batch_spec_of(batch))
     params = {}
+    dims = [d_in, *hidden, d_out]
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
         params[f"w{i}"] = jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), jnp.float32)
         params[f"b{i}"] = jnp.zeros((b,), jnp.float32)
-    plain_tx = optax.adamw(1e-3, weight_decay=0.0)
-    plain = plain_step_fn(plain_tx)
-    plain_state = (params, plain_tx.init(params))
-    contenders = {"plain": [plain, plain_state], "jaxnv": [checked.fn, state]}
-    contenders["jaxnv+check"] = [checked, None]
+    plain_tx = optax.adamw(1e-3)
+    contenders = {
+        "plain": [plain_step_fn(plain_tx), (params, plain_tx.init(params))],
+        "jaxnv": [step, state],
+    }
     times = {k: [] for k in contenders}
-    for _ in range(2):  # warm up / compile
+    for r in range(repeats + 1):
         for k, (fn, st) in contenders.items():
-            if k == "jaxnv+check":
-                st = contenders["jaxnv"][1]
-            new, _ = time_calls(fn, st, batch, 3)
-            contenders["jaxnv" if k == "jaxnv+check" else k][1] = new
-    for _ in range(repeats):
-        for k, (fn, _) in contenders.items():
-            key = "jaxnv" if k == "jaxnv+check" else k
-            contenders[key][1], dt = time_calls(fn, contenders[key][1], batch, steps)
-            times[k].append(dt)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return name, med
+            contenders[k][1], dt = time_calls(fn, st, batch, steps if r else 3)
+            if r:  # the first round compiles and warms up
+                times[k].append(dt)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_loop(repeats, steps):
+    """Median steps/s: the jaxnv loop vs its own jitted step in a bare Python loop."""
+    overrides = [
+        "logging.progress=false",
+        "logging.mfu=false",
+        "logging.tensorboard=false",
+        f"train.steps={steps}",
+        "train.eval_every=0",
+        "logging.log_every=50",
+        "optimizer.warmup_steps=5",
+        "model.features=256,256",
+        "train.batch_size=256",
+    ]
+    exp = load_experiment("binary_classification")
+    exp.config = apply_overrides(exp.config, overrides)
+    run = build(exp, jax.devices()[:1])
+    batch = jax.device_put(run.batches[0], run.plan.batch)
+    bare_step = run.train_step.fn
+    state = run.state
+    loop, bare = [], []
+    for r in range(repeats + 1):
+        result = train(exp, devices=jax.devices()[:1])
+        rows = [h["steps_per_sec"] for h in result.history if h["split"] == "train"][1:]
+        state, dt = time_calls(bare_step, state, batch, steps)
+        if r:
+            loop.append(statistics.median(rows))
+            bare.append(1.0 / dt)
+    return statistics.median(loop), statistics.median(bare)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
-    rows = [bench_case(n, s, args.repeats, args.steps) for n, s in CASES.items()]
-    print(f"machine: {platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}")
-    print(f"{'case':36} {'plain us':>10} {'jaxnv us':>10} {'+check us':>10} {'ratio':>7}")
-    for name, med in rows:
-        p, j, c = med["plain"] * 1e6, med["jaxnv"] * 1e6, med["jaxnv+check"] * 1e6
-        print(f"{name:36} {p:10.1f} {j:10.1f} {c:10.1f} {j / p:7.3f}")
+    machine = f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind}"
+    rows = []
+    print(f"machine: {machine}, jax {jax.__version__}")
+    print(f"{'case':40} {'plain us':>10} {'jaxnv us':>10} {'jaxnv/plain':>12}")
+    for name, spec in CASES.items():
+        med = bench_step(spec, args.repeats, args.steps)
+        p, j = med["plain"] * 1e6, med["jaxnv"] * 1e6
+        rows.append(f"| step: {name} | {p:.1f} us | {j:.1f} us | {j / p:.3f} |")
+        print(f"{name:40} {p:10.1f} {j:10.1f} {j / p:12.3f}")
+    loop, bare = bench_loop(max(2, args.repeats // 2), 4 * args.steps)
+    rows.append(
+        f"| loop: mlp 2-256-256-1, batch 256 | {bare:.0f} steps/s (bare) | "
+        f"{loop:.0f} steps/s (loop) | {loop / bare:.3f} (loop/bare) |"
+    )
+    print(
+        f"{'loop vs bare compiled step (steps/s)':40} {bare:10.0f} {loop:10.0f} {loop / bare:12.3f}"
+    )
+    if not args.no_append:
+        with open(RESULTS, "a", encoding="utf-8") as f:
+            f.write(f"\n### overhead.py, {datetime.date.today()}, {machine}\n\n")
+            f.write("| case | reference | jaxnv | ratio |\n| --- | --- | --- | --- |\n")
+            f.write("\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from jaxnv.optim import make_optimizer, make_schedule
 from jaxnv.parallel import Plan, batch_divisor, make_mesh, make_plan, put_batch
 from jaxnv.precision import Policy, get_policy, make_loss_scale
 from jaxnv.preemption import Preempted, PreemptionGuard
-from jaxnv.profiling import ProfileWindow, compiled_flops, measure_peak_flops
+from jaxnv.profiling import ProfileWindow, measure_peak_flops, step_flops
 from jaxnv.report import compile_step, format_report
 from jaxnv.state import TrainState, abstract_model, abstract_state, init_state, param_count
 from jaxnv.step import Step, batch_spec_of, check_batch_fits, make_eval_step, make_train_step
@@ -87,11 +87,11 @@ def _peak(dtype_name: str) -> float:
     return measure_peak_flops(jnp.dtype(dtype_name))
 
 
-def _flops_and_peak(log, compiled, policy) -> tuple[float, float]:
+def _flops_and_peak(log, train_step: Step, state, batch, policy) -> tuple[float, float]:
     """FLOPs per step (XLA cost analysis) and the device peak (declared or measured once)."""
     if not log.mfu:
         return 0.0, 0.0
-    flops = compiled_flops(compiled)
+    flops = step_flops(train_step.fn, state, batch)
     peak = log.peak_flops or _peak(jnp.dtype(policy.compute_dtype).name)
     return flops, peak
 
@@ -242,11 +242,11 @@ def train(
     profile = ProfileWindow(log.profile_steps, tb_dir)
     first = run.batches[start]
     speed = Throughput(start, t.batch_size, tokens_per_example(first))
-    compiled = compile_step(run)  # ahead of time: the step's one compilation, reused below
-    run.train_step.fn = compiled
     if primary and log.progress:
-        print(format_report(run, compiled), flush=True)
-    flops, peak = _flops_and_peak(log, compiled, run.policy)
+        # collectives are read from a compiled step: only worth a compilation on a real mesh
+        many = run.plan.mesh.size > 1
+        print(format_report(run, compile_step(run) if many else None), flush=True)
+    flops, peak = _flops_and_peak(log, run.train_step, state, first, run.policy)
     history: list[dict[str, Any]] = []
 
     def emit(step, split, scalars):
@@ -269,10 +269,11 @@ def train(
     eval_scalars: dict[str, float] = {}
     guard = PreemptionGuard(sync_every=log.log_every).__enter__()
     try:
-        for step, batch in enumerate(run.batches.iterate(start, t.steps), start):  # prefetched
+        # batches are gathered and copied to the devices by background threads, ahead of use
+        feed = run.batches.iterate(start, t.steps, put=lambda b: put_batch(b, run.plan.batch))
+        for step, batch in enumerate(feed, start):
             profile.before_step(step)
-            batch = put_batch(batch, run.plan.batch)  # the one host-to-device copy per step
-            with jax.transfer_guard("disallow"):  # nothing else may move implicitly
+            with jax.transfer_guard("disallow"):  # nothing may move implicitly
                 state, metrics = run.train_step(state, batch)
             window.append(metrics)  # stays on the device until the log step
             profile.after_step(step, state)
