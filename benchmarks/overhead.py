@@ -103,7 +103,10 @@ def bench_step(spec, repeats, steps):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_loop(repeats, steps):
+LOOP_CASES = {"mlp 2-256-256-1, batch 256": "256,256", "mlp 2-1024-1024-1, batch 256": "1024,1024"}
+
+
+def bench_loop(repeats, steps, features):
     """Median steps/s: the jaxnv loop vs its own jitted step in a bare Python loop."""
     overrides = [
         "logging.progress=false",
@@ -113,7 +116,7 @@ def bench_loop(repeats, steps):
         "train.eval_every=0",
         "logging.log_every=50",
         "optimizer.warmup_steps=5",
-        "model.features=256,256",
+        f"model.features={features}",
         "train.batch_size=256",
     ]
     exp = load_experiment("binary_classification")
@@ -148,14 +151,13 @@ def main():
         p, j = med["plain"] * 1e6, med["jaxnv"] * 1e6
         rows.append(f"| step: {name} | {p:.1f} us | {j:.1f} us | {j / p:.3f} |")
         print(f"{name:40} {p:10.1f} {j:10.1f} {j / p:12.3f}")
-    loop, bare = bench_loop(max(2, args.repeats // 2), 4 * args.steps)
-    rows.append(
-        f"| loop: mlp 2-256-256-1, batch 256 | {bare:.0f} steps/s (bare) | "
-        f"{loop:.0f} steps/s (loop) | {loop / bare:.3f} (loop/bare) |"
-    )
-    print(
-        f"{'loop vs bare compiled step (steps/s)':40} {bare:10.0f} {loop:10.0f} {loop / bare:12.3f}"
-    )
+    for name, features in LOOP_CASES.items():
+        loop, bare = bench_loop(max(2, args.repeats // 2), 2 * args.steps, features)
+        rows.append(
+            f"| loop: {name} | {bare:.0f} steps/s (bare) | {loop:.0f} steps/s (loop) | "
+            f"{loop / bare:.3f} (loop/bare) |"
+        )
+        print(f"{'loop/bare steps/s: ' + name:40} {bare:10.0f} {loop:10.0f} {loop / bare:12.3f}")
     if not args.no_append:
         with open(RESULTS, "a", encoding="utf-8") as f:
             f.write(f"\n### overhead.py, {datetime.date.today()}, {machine}\n\n")
