@@ -73,6 +73,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end
     eval_batch_size: int = 256
     micro_batches: int = 1  # gradient accumulation inside one step
+    max_device_batch: int = 0  # >0: more micro-batches when a device's share would exceed this
     loss: str = "mse"  # mse | bce | softmax_ce
     best_metric: str = "loss"  # eval metric tracked for the best step ("" to disable)
     best_mode: str = "min"  # min | max
@@ -251,6 +252,10 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
         raise ConfigError("checkpoint.every must be >= 0 (0: at the end) and checkpoint.keep >= 1")
+    if t.max_device_batch < 0:
+        raise ConfigError(
+            f"train.max_device_batch must be >= 0 (0: no limit), got {t.max_device_batch}"
+        )
     if t.best_mode not in ("min", "max"):
         raise ConfigError(f"train.best_mode must be min or max, got {t.best_mode!r}")
     if t.eval_every < 0:

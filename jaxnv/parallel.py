@@ -125,10 +125,15 @@ def logical_axes(abstract_model: nnx.Module) -> dict[tuple[str, ...], tuple]:
 def spec_for(names: tuple, shape: tuple[int, ...], rules, mesh: Mesh, where: str) -> P:
     """The PartitionSpec for one param: rule-mapped names, dims that do not divide replicated."""
     axes = []
-    for dim, name in zip(shape, names, strict=True):
+    for i, (dim, name) in enumerate(zip(shape, names, strict=True)):
         axis = rules.get(name) if name is not None else None
         if axis is not None and dim % mesh.shape[axis]:
-            axis = None  # uneven split: keep this dim whole
+            if axis == "tensor":  # a tensor-parallel layout that cannot hold is a mistake
+                raise ValueError(
+                    f"param {where} dim {i} ({name}={dim}) does not split over "
+                    f"mesh.tensor={mesh.shape[axis]}: choose a tensor degree that divides it"
+                )
+            axis = None  # fsdp/data: keep an uneven dim whole (small params often are)
         axes.append(axis)
     used = [a for a in axes if a is not None]
     if len(used) != len(set(used)):
@@ -157,8 +162,15 @@ def make_plan(abstract_model, abstract_state, mesh: Mesh, rules="dp") -> Plan:
     Params follow the rules; optimizer moments shaped like a param share its sharding; every
     other leaf (step, rng, loss scale, counters) is replicated.
     """
+    user_rules = not isinstance(rules, str)
     rules = get_rules(rules)
     names = logical_axes(abstract_model)
+    used = {n for logical in names.values() for n in logical if n is not None}
+    for n in sorted(used - set(LOGICAL_NAMES) - set(rules)):
+        warnings.warn(f"logical axis name {n!r} has no rule and is not a known name", stacklevel=2)
+    if user_rules:
+        for n in sorted(set(rules) - used):
+            warnings.warn(f"sharding rule {n!r} matches no parameter of this model", stacklevel=2)
     replicated = NamedSharding(mesh, P())
     params = dict(
         (_name_path(p), x) for p, x in jax.tree_util.tree_leaves_with_path(abstract_state.params)

@@ -99,8 +99,11 @@ def _grads(graphdef, loss_fn, policy, state: TrainState, model_state, batch, rng
 def _accumulated_grads(graphdef, loss_fn, policy, state, batch, rng, micro_batches):
     """Mean grads, loss and aux over `micro_batches` equal slices of `batch` (by `lax.scan`)."""
 
-    def split(x):  # (B, ...) -> (k, B / k, ...)
-        return x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
+    def split(x):  # (B, ...) -> (k, B / k, ...); micro-batch i takes rows i, i + k, i + 2k, ...
+        # strided rather than contiguous: with the batch split over devices by rows, every
+        # micro-batch then draws evenly from every device and no rows have to move
+        x = x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
 
     def one(model_state, i, micro):
         return _grads(

@@ -128,6 +128,28 @@ def _open_workdir(workdir: str, cfg, ckpt: Checkpointer | None, state, best) -> 
     return state, 0
 
 
+def micro_batches_for(batch: int, ways: int, micro: int, max_device_batch: int) -> int:
+    """Micro-batches per step so that each device's share of one is <= `max_device_batch`.
+
+    The optimizer always sees the whole global `batch`; only the accumulation changes.
+    """
+    if batch % ways:
+        raise config_lib.ConfigError(
+            f"train.batch_size={batch} does not split over mesh data*fsdp={ways}: "
+            f"use a multiple of {ways}"
+        )
+    per_device = batch // ways
+    k = micro
+    while per_device % k or (max_device_batch and per_device // k > max_device_batch):
+        k += 1
+        if k > per_device:
+            raise config_lib.ConfigError(
+                f"train.batch_size={batch} gives {per_device} examples per device, which does not "
+                f"split into train.micro_batches={micro}: use a batch of {ways * micro}*n"
+            )
+    return k
+
+
 @dataclasses.dataclass
 class Run:
     """Everything built from a config before the first step."""
@@ -166,11 +188,7 @@ def build(exp: Experiment, devices=None, *, abstract: bool = False) -> Run:
     rng = jax.random.PRNGKey(t.seed)
     mesh = make_mesh(cfg.mesh, devices)
     ways = batch_divisor(mesh)
-    if (t.batch_size // t.micro_batches) % ways:
-        raise config_lib.ConfigError(
-            f"train.batch_size={t.batch_size} (per micro-batch {t.batch_size // t.micro_batches})"
-            f" does not split over mesh data*fsdp={ways}: use a multiple of {ways}"
-        )
+    micro = micro_batches_for(t.batch_size, ways, t.micro_batches, t.max_device_batch)
     template = abstract_state(model_fn, tx, policy, rng, loss_scale=loss_scale)
     plan = make_plan(abstract_model(model_fn), template, mesh, cfg.mesh.rules)
     if abstract:
@@ -197,7 +215,7 @@ def build(exp: Experiment, devices=None, *, abstract: bool = False) -> Run:
         tx,
         policy,
         learning_rate_fn=make_schedule(cfg.optimizer, t.steps),
-        micro_batches=t.micro_batches,
+        micro_batches=micro,
         batch_spec=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), spec),
         state_sharding=plan.state,
         batch_sharding=plan.batch,

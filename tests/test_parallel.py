@@ -188,3 +188,114 @@ def test_elastic_resume_from_8_fsdp_devices_onto_4_dp(one_device, tmp_path):
 
         losses = [json.loads(line)["loss"] for line in f if '"train"' in line]
     np.testing.assert_allclose(losses, _losses(one_device), rtol=1e-5)
+
+
+def test_max_device_batch_accumulates_to_the_same_global_batch(one_device):
+    """Global batch 64 on 8 devices, at most 2 examples per device: 4 micro-batches."""
+    from jaxnv.train import micro_batches_for
+
+    assert micro_batches_for(64, 8, 1, 2) == 4
+    result = train(_exp("train.batch_size=64", "train.max_device_batch=2", "mesh.data=8"))
+    reference = train(_exp("train.batch_size=64"), devices=jax.devices()[:1])
+    np.testing.assert_allclose(_losses(result), _losses(reference), rtol=1e-5)
+
+
+def test_tensor_degree_that_does_not_divide_heads_is_refused():
+    exp = load_experiment("char_gpt")
+    exp.config = apply_overrides(
+        exp.config, ["model.num_heads=2", "model.embed_dim=64", "mesh.rules=tp", "mesh.tensor=4"]
+    )
+    with pytest.raises(ValueError, match=r"heads=2\) does not split over mesh.tensor=4") as err:
+        build(exp, abstract=True)
+    assert "\n" not in str(err.value)
+
+
+TINY_GPT = [
+    *QUIET,
+    "model.embed_dim=64",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "data.seq_len=32",
+    "train.batch_size=16",
+    "train.steps=20",
+    "train.eval_every=0",
+    "logging.log_every=1",
+    "optimizer.warmup_steps=5",
+    "train.eval_batch_size=512",
+]
+
+
+@pytest.mark.slow
+def test_transformer_same_curve_under_every_preset():
+    def gpt(*overrides, devices=None):
+        exp = load_experiment("char_gpt")
+        exp.config = apply_overrides(exp.config, [*TINY_GPT, *overrides])
+        exp.summarize = None  # no sampling
+        return train(exp, devices=devices)
+
+    single = gpt(devices=jax.devices()[:1])
+    for rules, d, f, t in [
+        ("dp", 8, 1, 1),
+        ("fsdp", 1, 8, 1),
+        ("tp", 2, 1, 4),
+        ("fsdp+tp", 2, 2, 2),
+    ]:
+        result = gpt(f"mesh.rules={rules}", f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}")
+        np.testing.assert_allclose(_losses(result), _losses(single), rtol=1e-5, err_msg=rules)
+        for a, b in zip(
+            jax.tree.leaves(jax.device_get(result.state.params)),
+            jax.tree.leaves(jax.device_get(single.state.params)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=rules)
+
+
+def test_fsdp_compiled_memory_holds_one_eighth_of_the_state():
+    """The compiled step's argument bytes per device under fsdp on 8 devices are within 10% of
+    the replicated state divided by 8 (plus the batch and scalars)."""
+    from jaxnv.report import compile_step, per_device_bytes
+
+    over = ["model.features=256,256", "mesh.rules=fsdp", "mesh.data=1", "mesh.fsdp=8"]
+    sharded = build(_exp(*over), abstract=True)
+    replicated = build(_exp("model.features=256,256"), abstract=True)
+    full = per_device_bytes((replicated.state.params, replicated.state.opt_state))
+    mine = per_device_bytes((sharded.state.params, sharded.state.opt_state))
+    assert abs(mine - full / 8) <= 0.1 * full / 8
+    args = compile_step(sharded).memory_analysis().argument_size_in_bytes
+    args_replicated = compile_step(replicated).memory_analysis().argument_size_in_bytes
+    assert args < 0.2 * args_replicated  # the dry run's memory shrinks as the state part predicts
+    assert abs(args - full / 8) <= 0.1 * full / 8 + 64 * 1024  # + batch, rng, step
+
+
+def test_elastic_8_fsdp_then_4_dp_then_1(one_device, tmp_path):
+    workdir = str(tmp_path / "e")
+    common = ["checkpoint.every=10"]
+
+    class At(Callback):
+        def __init__(self, n):
+            self.n = n
+
+        def on_log(self, step, split, scalars, state):
+            if step == self.n:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            _exp(*common, "mesh.rules=fsdp", "mesh.data=1", "mesh.fsdp=8"),
+            workdir=workdir,
+            callbacks=[At(12)],
+        )
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            _exp(*common, "mesh.rules=dp", "mesh.data=4"),
+            workdir=workdir,
+            devices=jax.devices()[:4],
+            callbacks=[At(22)],
+        )
+    final = train(_exp(*common, "mesh.data=1"), workdir=workdir, devices=jax.devices()[:1])
+    assert final.summary["resumed_from"] == 20
+    import json
+
+    with open(f"{workdir}/metrics.jsonl", encoding="utf-8") as f:
+        losses = [json.loads(line)["loss"] for line in f if '"train"' in line]
+    np.testing.assert_allclose(losses, _losses(one_device), rtol=1e-5)
