@@ -214,9 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as err:
         from jaxnv.preemption import EXIT_PREEMPTED, Preempted
 
+        from jaxnv.nonfinite import NonFiniteError
+
         if isinstance(err, Preempted):
             print(f"jaxnv: {err}", file=sys.stderr)
             code = EXIT_PREEMPTED
+        elif isinstance(err, NonFiniteError):
+            print(f"jaxnv: error: {err}", file=sys.stderr)
+            code = 3
         elif joined:  # see below: never wait for peers after a failure
             import traceback
 

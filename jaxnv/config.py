@@ -75,6 +75,7 @@ class TrainConfig:
     micro_batches: int = 1  # gradient accumulation inside one step
     max_device_batch: int = 0  # >0: more micro-batches when a device's share would exceed this
     loss: str = "mse"  # mse | bce | softmax_ce
+    on_nonfinite: str = "skip"  # skip | stop | rollback (see jaxnv/nonfinite.py)
     best_metric: str = "loss"  # eval metric tracked for the best step ("" to disable)
     best_mode: str = "min"  # min | max
 
@@ -255,6 +256,10 @@ def validate(cfg: Config) -> Config:
     if t.max_device_batch < 0:
         raise ConfigError(
             f"train.max_device_batch must be >= 0 (0: no limit), got {t.max_device_batch}"
+        )
+    if t.on_nonfinite not in ("skip", "stop", "rollback"):
+        raise ConfigError(
+            f"train.on_nonfinite must be skip, stop or rollback, got {t.on_nonfinite!r}"
         )
     if t.best_mode not in ("min", "max"):
         raise ConfigError(f"train.best_mode must be min or max, got {t.best_mode!r}")

@@ -23,9 +23,10 @@ from jaxnv.checkpoint import Checkpointer
 from jaxnv.data import Dataset, StepBatches, eval_batches
 from jaxnv.distributed import is_primary
 from jaxnv.experiment import Experiment
+from jaxnv.nonfinite import NonFiniteMonitor
 from jaxnv.optim import make_optimizer, make_schedule
 from jaxnv.parallel import Plan, batch_divisor, make_mesh, make_plan, put_batch
-from jaxnv.precision import Policy, get_policy, make_loss_scale
+from jaxnv.precision import DynamicLossScale, Policy, get_policy, make_loss_scale
 from jaxnv.preemption import Preempted, PreemptionGuard
 from jaxnv.profiling import ProfileWindow, measure_peak_flops, step_flops
 from jaxnv.report import compile_step, format_report
@@ -77,8 +78,7 @@ def evaluate(
     return {k: v / count for k, v in totals.items()}
 
 
-def _mean_window(window: list[dict]) -> dict[str, float]:
-    rows = [to_scalars(m) for m in jax.device_get(window)]
+def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
@@ -286,33 +286,49 @@ def train(
     train_scalars: dict[str, float] = {}
     eval_scalars: dict[str, float] = {}
     guard = PreemptionGuard(sync_every=log.log_every).__enter__()
+    monitor = NonFiniteMonitor(t.on_nonfinite, isinstance(state.loss_scale, DynamicLossScale))
+    segment: int | None = start  # where the batches start; a rollback starts a new segment
     try:
-        # batches are gathered and copied to the devices by background threads, ahead of use
-        feed = run.batches.iterate(start, t.steps, put=lambda b: put_batch(b, run.plan.batch))
-        for step, batch in enumerate(feed, start):
-            profile.before_step(step)
-            with jax.transfer_guard("disallow"):  # nothing may move implicitly
-                state, metrics = run.train_step(state, batch)
-            window.append(metrics)  # stays on the device until the log step
-            profile.after_step(step, state)
-            done = step + 1
-            if done % log.log_every == 0 or done == t.steps:
-                train_scalars = {**_mean_window(window), **speed.tick(done)}
-                if flops and peak:
-                    train_scalars["mfu"] = flops * train_scalars["steps_per_sec"] / peak
-                window = []
-                emit(done, "train", train_scalars)
-            if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
-                eval_scalars = evaluate(
-                    run.eval_step, state, run.data.eval, t.eval_batch_size, run.plan.replicated
-                )
-                best.update(done, eval_scalars)
-                emit(done, "eval", eval_scalars)
-            stop = guard.should_stop(done)  # SIGTERM/SIGINT: save this step, then leave
-            if ckpt is not None:
-                ckpt.maybe_save(done, state, meta(done), force=done == t.steps or stop)
-            if stop:
-                raise Preempted(done, guard.signum)
+        while segment is not None:
+            first, segment = segment, None
+            # batches are gathered and copied to the devices by background threads, ahead of use
+            feed = run.batches.iterate(first, t.steps, put=lambda b: put_batch(b, run.plan.batch))
+            for step, batch in enumerate(feed, first):
+                profile.before_step(step)
+                with jax.transfer_guard("disallow"):  # nothing may move implicitly
+                    state, metrics = run.train_step(state, batch)
+                window.append(metrics)  # stays on the device until the log step
+                profile.after_step(step, state)
+                done = step + 1
+                if done % log.log_every == 0 or done == t.steps:
+                    rows = [to_scalars(m) for m in jax.device_get(window)]
+                    bad = monitor.first_bad(done - len(rows) + 1, rows)
+                    train_scalars = {**_mean_rows(rows), **speed.tick(done)}
+                    if flops and peak:
+                        train_scalars["mfu"] = flops * train_scalars["steps_per_sec"] / peak
+                    window = []
+                    emit(done, "train", train_scalars)
+                    last_good = ckpt.latest_step() if ckpt is not None else None
+                    if bad is not None and monitor.should_rollback(bad, last_good):
+                        ckpt.wait()
+                        state, _ = ckpt.restore(state, last_good)
+                        # go on after this logged window: its batches, the bad one among them,
+                        # are skipped, and the log's steps keep increasing
+                        step_array = jax.device_put(np.int32(done), state.step.sharding)
+                        state = state.replace(step=step_array)
+                        segment = done
+                        break
+                if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
+                    eval_scalars = evaluate(
+                        run.eval_step, state, run.data.eval, t.eval_batch_size, run.plan.replicated
+                    )
+                    best.update(done, eval_scalars)
+                    emit(done, "eval", eval_scalars)
+                stop = guard.should_stop(done)  # SIGTERM/SIGINT: save this step, then leave
+                if ckpt is not None:
+                    ckpt.maybe_save(done, state, meta(done), force=done == t.steps or stop)
+                if stop:
+                    raise Preempted(done, guard.signum)
     finally:
         guard.__exit__()
         profile.stop()
@@ -338,6 +354,8 @@ def train(
         "precision": str(run.policy),
         "seconds": round(result.seconds, 2),
         "flops_per_step": flops,
+        "nonfinite_skipped": monitor.skipped,
+        "rollbacks": monitor.rollbacks,
         **best.summary(),
         **{f"eval_{k}": v for k, v in eval_scalars.items()},
         **(exp.summarize(result) if exp.summarize else {}),

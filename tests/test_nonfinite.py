@@ -1,0 +1,66 @@
+"""train.on_nonfinite: skip goes on, stop reports the step and last good checkpoint, rollback
+reloads it and continues past the offending batch."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from jaxnv import apply_overrides
+from jaxnv.data import make_dataset
+from jaxnv.experiment import load_experiment
+from jaxnv.nonfinite import NonFiniteError, NonFiniteMonitor
+from jaxnv.train import train
+
+ARGS = [
+    "logging.progress=false",
+    "logging.mfu=false",
+    "train.steps=25",  # less than one epoch of 2000 / 64: the poisoned example is met once
+    "train.eval_every=0",
+    "logging.log_every=5",
+    "optimizer.warmup_steps=5",
+    "checkpoint.every=5",
+]
+
+
+def _poisoned(*overrides):
+    exp = load_experiment("binary_classification")
+    exp.config = apply_overrides(exp.config, [*ARGS, *overrides])
+    clean = make_dataset(exp.config.data)
+    from jaxnv.data import StepBatches
+
+    batches = StepBatches(clean.train, exp.config.train.batch_size, exp.config.train.seed)
+    victim = int(batches.indices(12)[3])  # an example of the batch of step 13 (1-based)
+    x = clean.train["x"].copy()
+    x[victim, 0] = np.nan
+    poisoned = dataclasses.replace(clean, train={"x": x, "y": clean.train["y"]})
+    exp.make_data = lambda cfg: poisoned
+    return exp
+
+
+def test_stop_names_the_step_and_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteError, match=r"at step 13; the last good checkpoint is step 10"):
+        train(_poisoned("train.on_nonfinite=stop"), workdir=str(tmp_path / "w"))
+
+
+def test_skip_goes_on_and_params_stay_finite():
+    result = train(_poisoned("train.on_nonfinite=skip"))
+    assert result.summary["nonfinite_skipped"] == 1
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(result.state.params)))
+
+
+def test_rollback_reloads_and_continues_past_the_bad_batch(tmp_path):
+    result = train(_poisoned("train.on_nonfinite=rollback"), workdir=str(tmp_path / "w"))
+    assert result.summary["rollbacks"] == 1
+    assert int(result.state.step) == 25
+    rows = [r for r in result.history if r["split"] == "train"]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25]  # steps continue, no duplicates
+    assert np.isfinite(rows[-1]["loss"])
+
+
+def test_dynamic_loss_scale_overflow_is_not_bad():
+    monitor = NonFiniteMonitor("stop", dynamic_loss_scale=True)
+    rows = [{"loss": 0.5, "grads_finite": 0.0}, {"loss": float("nan"), "grads_finite": 0.0}]
+    assert monitor.first_bad(7, rows) == 8  # the overflow at 7 is routine; the nan loss is not
+    assert NonFiniteMonitor("stop", dynamic_loss_scale=False).first_bad(7, rows) == 7
