@@ -61,6 +61,19 @@ def _mismatches(saved: Any, target: Any, limit: int = 3) -> list[str]:
     return out
 
 
+def _root_cause(err: BaseException) -> str:
+    """The first line of the innermost exception with a message: orbax wraps tensorstore's
+    precise one ("OUT_OF_RANGE: Error reading ... ") in a generic one that prints a repr."""
+    best, seen = err, set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if str(err).strip():
+            best = err
+        err = err.__cause__ or err.__context__
+    text = str(best).strip()
+    return text.splitlines()[0][:300] if text else type(best).__name__
+
+
 class Checkpointer:
     """An orbax `CheckpointManager` for train states: every `every` steps (0: only when forced)."""
 
@@ -72,14 +85,21 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=options,
-            item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler(),
-            },
-        )
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory,
+                options=options,
+                item_handlers={
+                    "state": ocp.StandardCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler(),
+                },
+            )
+        except OSError as err:  # a file in the way, no permission, a read-only filesystem
+            raise CheckpointError(
+                f"cannot create the checkpoint directory {self.directory} "
+                f"({err.strerror or type(err).__name__}: {err.filename or self.directory}): "
+                "pass a --workdir that is a directory you can write to"
+            ) from None
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -134,10 +154,13 @@ class Checkpointer:
                 ),
             )
         except Exception as err:  # noqa: BLE001 - orbax raises many types for corrupt data
-            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err)
+            older = [s for s in self.manager.all_steps() if s < step]
+            fallback = f"step {max(older)}" if older else "none: training starts over"
             raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} cannot be read ({first}): it may be "
-                "corrupt; remove that step's directory to fall back to an older one"
+                f"checkpoint step {step} in {self.directory} cannot be read ({_root_cause(err)}): "
+                f"it may be corrupt; remove that step's directory "
+                f"{os.path.join(self.directory, str(step))} to fall back to an older one "
+                f"({fallback})"
             ) from None
         return restored["state"], dict(restored["meta"])
 

@@ -212,9 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as err:
         code = err.code if isinstance(err.code, int) else 1
     except BaseException as err:
-        from jaxnv.preemption import EXIT_PREEMPTED, Preempted
-
         from jaxnv.nonfinite import NonFiniteError
+        from jaxnv.preemption import EXIT_PREEMPTED, Preempted
 
         if isinstance(err, Preempted):
             print(f"jaxnv: {err}", file=sys.stderr)
