@@ -119,7 +119,8 @@ def compile_step(run):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=run.plan.batch),
         run.train_step.batch_spec,
     )
-    return run.train_step.fn.lower(run.state, batch).compile()
+    with jax.set_mesh(run.plan.mesh):
+        return run.train_step.fn.lower(run.state, batch).compile()
 
 
 def dry_run(run) -> str:

@@ -237,6 +237,12 @@ def train(
     rng and loss scale all follow from the restored state.
     """
     run = build(exp, devices)
+    # the mesh in context lets model code constrain activations (transformer.batch_sharded)
+    with jax.set_mesh(run.plan.mesh):
+        return _train(exp, run, workdir, callbacks)
+
+
+def _train(exp: Experiment, run: Run, workdir: str | None, callbacks) -> TrainResult:
     cfg, t, log, state = run.cfg, run.cfg.train, run.cfg.logging, run.state
     best = BestTracker(t.best_metric, t.best_mode)
     ckpt, start = None, 0

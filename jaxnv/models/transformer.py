@@ -184,6 +184,16 @@ class Block(nnx.Module):
         return x, cache
 
 
+def batch_sharded(x: jax.Array) -> jax.Array:
+    """Constrain an activation to the batch layout of the mesh in context (if any): rows split
+    over the batch axes, every other dim whole. Without it, XLA may choose to move activations
+    instead of weights under fsdp."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not {"data", "fsdp"} <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(("data", "fsdp")))
+
+
 def _run_block(block: Block, x, positions, rng, remat: str):
     """block(x) -> (B, T, D); with `remat`, under `jax.checkpoint` and its saving policy."""
     if remat == "none":
@@ -300,6 +310,7 @@ class Transformer(nnx.Module):
         for i, block in enumerate(self.blocks):
             block_rng = None if rng is None else jax.random.fold_in(rng, i + 1)
             x = _run_block(block, x, positions, block_rng, self.remat)  # (B, T, D)
+            x = batch_sharded(x)  # the residual stream: rows split, features whole
         return self._logits(x)
 
     def init_cache(self, batch: int, max_len: int | None = None) -> Cache:
