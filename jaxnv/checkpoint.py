@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxnv.parallel import path_names
 from jaxnv.precision import all_finite
 
 
@@ -25,20 +26,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked; the message names the fix."""
 
 
-def _path_name(path) -> str:
-    """`params/dense/kernel` for a key path, whatever node types (dict, dataclass) it crosses."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-    return "/".join(parts)
-
-
 def _flat(tree) -> dict[str, Any]:
     leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
-    return {_path_name(p): v for p, v in leaves if hasattr(v, "shape")}
+    return {"/".join(path_names(p)): v for p, v in leaves if hasattr(v, "shape")}
 
 
 def _mismatches(saved: Any, target: Any, limit: int = 3) -> list[str]:

@@ -103,7 +103,9 @@ def get_rules(rules: str | dict[str, str | None]) -> dict[str, str | None]:
     return dict(rules)
 
 
-def _name_path(path) -> tuple[str, ...]:
+def path_names(path) -> tuple[str, ...]:
+    """`("params", "hidden", "0", "kernel")` for a key path, whatever nodes (dict, dataclass,
+    sequence) it crosses."""
     out = []
     for k in path:
         for attr in ("key", "name", "idx"):
@@ -119,7 +121,7 @@ def logical_axes(abstract_model: nnx.Module) -> dict[tuple[str, ...], tuple]:
     flat = jax.tree_util.tree_leaves_with_path(
         nnx.to_pure_dict(specs), is_leaf=lambda x: isinstance(x, P)
     )
-    return {_name_path(path): tuple(spec) for path, spec in flat}
+    return {path_names(path): tuple(spec) for path, spec in flat}
 
 
 def spec_for(names: tuple, shape: tuple[int, ...], rules, mesh: Mesh, where: str) -> P:
@@ -173,7 +175,7 @@ def make_plan(abstract_model, abstract_state, mesh: Mesh, rules="dp") -> Plan:
             warnings.warn(f"sharding rule {n!r} matches no parameter of this model", stacklevel=2)
     replicated = NamedSharding(mesh, P())
     params = dict(
-        (_name_path(p), x) for p, x in jax.tree_util.tree_leaves_with_path(abstract_state.params)
+        (path_names(p), x) for p, x in jax.tree_util.tree_leaves_with_path(abstract_state.params)
     )
     specs, table = {}, []
     for path, leaf in params.items():
@@ -189,7 +191,7 @@ def make_plan(abstract_model, abstract_state, mesh: Mesh, rules="dp") -> Plan:
             )
 
     def leaf_sharding(path, leaf):
-        parts = _name_path(path)
+        parts = path_names(path)
         for i in range(len(parts)):  # longest suffix that names a param of the same shape
             hit = specs.get(parts[i:])
             if hit is not None and hit[0] == tuple(leaf.shape):

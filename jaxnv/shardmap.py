@@ -23,9 +23,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxnv.parallel import BATCH_AXES
-from jaxnv.precision import Policy, all_finite
+from jaxnv.precision import Policy
 from jaxnv.state import TrainState
-from jaxnv.step import Batch, LossFn, Step, _grads, schedule_count
+from jaxnv.step import Batch, LossFn, Step, _grads, apply_update
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -106,36 +106,9 @@ def make_dp_train_step(
         # Norm statistics: running means average exactly; running variances lose the
         # between-shard part (like DDP without SyncBatchNorm).
         model_state = _pmean_floating(model_state, batch_axes)
-        # Checked on the averaged grads, so every device sees the same flag and takes the same
-        # branch: an inf in one shard's rows skips the update everywhere.
-        finite = all_finite(grads)
-
-        def apply(_):
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            return optax.apply_updates(state.params, updates), opt_state, model_state
-
-        def skip(_):  # non-finite grads: everything stays bit-identical
-            return state.params, state.opt_state, state.model_state
-
-        params, opt_state, model_state = jax.lax.cond(finite, apply, skip, None)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            opt_state=opt_state,
-            model_state=model_state,
-            loss_scale=state.loss_scale.adjust(finite),
-        )
-        metrics = {
-            "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
-            "loss_scale": jnp.asarray(state.loss_scale.loss_scale, jnp.float32),
-            "grads_finite": finite,
-            **aux,
-        }
-        if learning_rate_fn is not None:
-            count = schedule_count(state.opt_state, state.step)
-            metrics["learning_rate"] = jnp.asarray(learning_rate_fn(count), jnp.float32)
-        return new_state, metrics
+        # The finite check runs on the averaged grads, so every device sees the same flag and
+        # takes the same branch: an inf in one shard's rows skips the update everywhere.
+        return apply_update(tx, state, grads, loss, aux, model_state, learning_rate_fn)
 
     # out_specs P(): every output is replicated. shard_map checks that claim (check_vma): a
     # value still varying over a batch axis, e.g. a forgotten pmean, fails at trace time.

@@ -142,6 +142,40 @@ def schedule_count(opt_state, default: jax.Array) -> jax.Array:
     return found[0] if found else default
 
 
+def apply_update(tx, state: TrainState, grads, loss, aux, model_state, learning_rate_fn=None):
+    """The optimizer update of a train step, skipped bit-identically on non-finite `grads`;
+    returns `(new_state, metrics)`. Shared by the jit-sharding and shard_map steps."""
+    finite = all_finite(grads)
+
+    def apply(_):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return optax.apply_updates(state.params, updates), opt_state, model_state
+
+    def skip(_):  # non-finite grads: everything stays bit-identical
+        return state.params, state.opt_state, state.model_state
+
+    # a conditional, not a select: the skip costs nothing on the common path
+    params, opt_state, model_state = jax.lax.cond(finite, apply, skip, None)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        model_state=model_state,
+        loss_scale=state.loss_scale.adjust(finite),
+    )
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.tree.norm(grads),
+        "loss_scale": jnp.asarray(state.loss_scale.loss_scale, jnp.float32),
+        "grads_finite": finite,
+        **aux,
+    }
+    if learning_rate_fn is not None:
+        count = schedule_count(state.opt_state, state.step)
+        metrics["learning_rate"] = jnp.asarray(learning_rate_fn(count), jnp.float32)
+    return new_state, metrics
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     loss_fn: LossFn,
@@ -178,35 +212,7 @@ def make_train_step(
             grads, loss, aux, model_state = _accumulated_grads(
                 graphdef, loss_fn, policy, state, batch, rng, micro_batches
             )
-        finite = all_finite(grads)
-
-        def apply(_):
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            return optax.apply_updates(state.params, updates), opt_state, model_state
-
-        def skip(_):  # non-finite grads: everything stays bit-identical
-            return state.params, state.opt_state, state.model_state
-
-        # a conditional, not a select: the skip costs nothing on the common path
-        params, opt_state, model_state = jax.lax.cond(finite, apply, skip, None)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            opt_state=opt_state,
-            model_state=model_state,
-            loss_scale=state.loss_scale.adjust(finite),
-        )
-        metrics = {
-            "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
-            "loss_scale": jnp.asarray(state.loss_scale.loss_scale, jnp.float32),
-            "grads_finite": finite,
-            **aux,
-        }
-        if learning_rate_fn is not None:
-            count = schedule_count(state.opt_state, state.step)
-            metrics["learning_rate"] = jnp.asarray(learning_rate_fn(count), jnp.float32)
-        return new_state, metrics
+        return apply_update(tx, state, grads, loss, aux, model_state, learning_rate_fn)
 
     fn = jax.jit(
         train_step,
