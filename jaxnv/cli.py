@@ -55,7 +55,10 @@ def cmd_train(args) -> int:
             import numpy as np
             from jax.experimental import multihost_utils
 
-            stamp = float(multihost_utils.broadcast_one_to_all(np.float64(stamp)))
+            # int32 halves: a float broadcast is float32 (x64 off) and would round to 128 s
+            hi, lo = divmod(int(stamp), 2**16)
+            hi, lo = multihost_utils.broadcast_one_to_all(np.array([hi, lo], np.int32))
+            stamp = int(hi) * 2**16 + int(lo)
         name = time.strftime("%Y%m%d-%H%M%S", time.localtime(stamp))
         workdir = os.path.join("runs", exp.name, name)
     primary = jax.process_index() == 0

@@ -71,12 +71,14 @@ def launch(args: list[str], num_processes: int, cpu_devices: int = 0, grace: flo
     """Run `jaxnv ARGS` in `num_processes` local processes joined by `jax.distributed`.
 
     Output is streamed with a `[i]` prefix. If any process fails, the others are stopped
-    (SIGTERM, then SIGKILL after `grace` seconds) and its exit code is returned.
+    (SIGTERM, then SIGKILL after `grace` seconds) and its exit code is returned. SIGTERM or
+    SIGINT to the launcher is forwarded to every process (which then save and exit 75).
     """
     if num_processes < 1:
         raise ValueError(f"launch -n must be >= 1, got {num_processes}")
     port = _free_port()
-    procs = []
+    procs: list[subprocess.Popen] = []
+    threads: list[threading.Thread] = []
     for i in range(num_processes):
         env = dict(os.environ)
         env.update(
@@ -85,9 +87,11 @@ def launch(args: list[str], num_processes: int, cpu_devices: int = 0, grace: flo
             JAXNV_PROCESS_ID=str(i),
             PYTHONUNBUFFERED="1",
         )
-        env.pop("XLA_FLAGS", None)
-        if cpu_devices:
+        if cpu_devices:  # each process's device count comes from JAXNV_CPU_DEVICES alone
             env["JAXNV_CPU_DEVICES"] = str(cpu_devices)
+            flags = env.get("XLA_FLAGS", "").split()
+            kept = [f for f in flags if "xla_force_host_platform_device_count" not in f]
+            env["XLA_FLAGS"] = " ".join(kept)
         proc = subprocess.Popen(
             [sys.executable, "-m", "jaxnv.cli", *args],
             env=env,
@@ -95,27 +99,42 @@ def launch(args: list[str], num_processes: int, cpu_devices: int = 0, grace: flo
             stderr=subprocess.STDOUT,
             text=True,
         )
-        threading.Thread(target=_stream, args=(proc, f"[{i}] "), daemon=True).start()
+        thread = threading.Thread(target=_stream, args=(proc, f"[{i}] "), daemon=True)
+        thread.start()
+        threads.append(thread)
         procs.append(proc)
+
+    def forward(signum, frame):  # a signal to the launcher goes to every process
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     failed = 0
-    while True:
-        codes = [p.poll() for p in procs]
-        bad = [c for c in codes if c not in (None, 0)]
-        if bad:
-            failed = bad[0]
-            break
-        if all(c == 0 for c in codes):
-            return 0
-        time.sleep(0.2)
-    for p in procs:  # one died: stop the rest in bounded time
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            bad = [c for c in codes if c not in (None, 0)]
+            if bad:
+                failed = bad[0]
+                break
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(0.2)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        for p in procs:  # one died (or we are leaving): stop the rest in bounded time
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for t in threads:
+            t.join(timeout=1.0)  # the last lines of output
     print(f"jaxnv launch: a process exited with {failed}; stopped the others", file=sys.stderr)
     return failed if failed > 0 else 1

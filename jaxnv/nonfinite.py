@@ -31,14 +31,15 @@ class NonFiniteMonitor:
         self.policy, self.dynamic = policy, dynamic_loss_scale
         self.max_rollbacks, self.rollbacks, self.skipped = max_rollbacks, 0, 0
 
-    def first_bad(self, first_step: int, rows: list[dict[str, float]]) -> int | None:
-        """The (1-based) step number of the first bad row, rows being steps first_step, ..."""
-        for i, row in enumerate(rows):
-            loss_bad = not math.isfinite(row.get("loss", 0.0))
-            grads_bad = row.get("grads_finite", 1.0) < 1.0 and not self.dynamic
-            if loss_bad or grads_bad:
-                return first_step + i
-        return None
+    def first_bad(self, first_step: int, rows: list[dict[str, float]]) -> tuple[int | None, int]:
+        """(step number of the first bad row, number of bad rows); rows are steps first_step, ..."""
+        bad = [
+            first_step + i
+            for i, row in enumerate(rows)
+            if not math.isfinite(row.get("loss", 0.0))
+            or (row.get("grads_finite", 1.0) < 1.0 and not self.dynamic)
+        ]
+        return (bad[0] if bad else None), len(bad)
 
     def stop_message(self, step: int, last_good: int | None) -> str:
         where = f"step {last_good}" if last_good is not None else "none (no checkpoint yet)"
@@ -48,11 +49,12 @@ class NonFiniteMonitor:
             "train.on_nonfinite=rollback"
         )
 
-    def should_rollback(self, step: int, last_good: int | None) -> bool:
-        """Apply the policy to a bad `step`: False to go on (skip), True to roll back; raises
-        NonFiniteError to stop (also when rollback is impossible or keeps failing)."""
+    def should_rollback(self, step: int, last_good: int | None, count: int = 1) -> bool:
+        """Apply the policy to a window whose first bad step is `step` (`count` bad steps): False
+        to go on (skip), True to roll back; raises NonFiniteError to stop (also when rollback is
+        impossible or keeps failing)."""
         if self.policy == "skip":
-            self.skipped += 1
+            self.skipped += count
             return False
         if self.policy == "rollback" and last_good is not None:
             if self.rollbacks < self.max_rollbacks:

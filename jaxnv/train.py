@@ -116,7 +116,7 @@ def _open_workdir(workdir: str, cfg, ckpt: Checkpointer | None, state, best) -> 
                 f.writelines(keep)
             os.replace(tmp, metrics_path)  # atomic: the old log is never half-written
         return state, start
-    if os.path.exists(metrics_path):
+    if os.path.exists(metrics_path) and os.path.getsize(metrics_path) > 0:
         raise FileExistsError(
             f"workdir {workdir!r} already holds a run without checkpoints: pass a new --workdir "
             "or remove the old one"
@@ -180,7 +180,8 @@ def build(exp: Experiment, devices=None, *, abstract: bool = False) -> Run:
     loss_scale = make_loss_scale(
         p.loss_scale, policy, init_scale=p.init_scale, period=p.growth_interval
     )
-    tx = make_optimizer(cfg.optimizer, t.steps)
+    updates = t.steps // cfg.optimizer.accumulate_steps  # MultiSteps updates once every k steps
+    tx = make_optimizer(cfg.optimizer, updates)
 
     def model_fn(rngs):
         return exp.make_model(cfg, data, policy, rngs)
@@ -189,6 +190,11 @@ def build(exp: Experiment, devices=None, *, abstract: bool = False) -> Run:
     mesh = make_mesh(cfg.mesh, devices)
     ways = batch_divisor(mesh)
     micro = micro_batches_for(t.batch_size, ways, t.micro_batches, t.max_device_batch)
+    if ways % jax.process_count():
+        raise config_lib.ConfigError(
+            f"mesh data*fsdp={ways} does not split over {jax.process_count()} processes: each "
+            "process feeds its own rows, so make data*fsdp a multiple of the process count"
+        )
     template = abstract_state(model_fn, tx, policy, rng, loss_scale=loss_scale)
     plan = make_plan(abstract_model(model_fn), template, mesh, cfg.mesh.rules)
     if abstract:
@@ -214,7 +220,7 @@ def build(exp: Experiment, devices=None, *, abstract: bool = False) -> Run:
         loss_fn,
         tx,
         policy,
-        learning_rate_fn=make_schedule(cfg.optimizer, t.steps),
+        learning_rate_fn=make_schedule(cfg.optimizer, updates),
         micro_batches=micro,
         batch_spec=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), spec),
         state_sharding=plan.state,
@@ -308,22 +314,22 @@ def _train(exp: Experiment, run: Run, workdir: str | None, callbacks) -> TrainRe
                 done = step + 1
                 if done % log.log_every == 0 or done == t.steps:
                     rows = [to_scalars(m) for m in jax.device_get(window)]
-                    bad = monitor.first_bad(done - len(rows) + 1, rows)
+                    bad, n_bad = monitor.first_bad(done - len(rows) + 1, rows)
                     train_scalars = {**_mean_rows(rows), **speed.tick(done)}
                     if flops and peak:
                         train_scalars["mfu"] = flops * train_scalars["steps_per_sec"] / peak
                     window = []
                     emit(done, "train", train_scalars)
+                    if ckpt is not None:
+                        ckpt.wait()  # every process sees the same committed steps
                     last_good = ckpt.latest_step() if ckpt is not None else None
-                    if bad is not None and monitor.should_rollback(bad, last_good):
-                        ckpt.wait()
+                    if bad is not None and monitor.should_rollback(bad, last_good, n_bad):
                         state, _ = ckpt.restore(state, last_good)
                         # go on after this logged window: its batches, the bad one among them,
                         # are skipped, and the log's steps keep increasing
                         step_array = jax.device_put(np.int32(done), state.step.sharding)
                         state = state.replace(step=step_array)
-                        segment = done
-                        break
+                        segment = done if done < t.steps else None
                 if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
                     eval_scalars = evaluate(
                         run.eval_step, state, run.data.eval, t.eval_batch_size, run.plan.replicated
@@ -335,6 +341,8 @@ def _train(exp: Experiment, run: Run, workdir: str | None, callbacks) -> TrainRe
                     ckpt.maybe_save(done, state, meta(done), force=done == t.steps or stop)
                 if stop:
                     raise Preempted(done, guard.signum)
+                if segment is not None:  # rolled back: restart the feed after this window
+                    break
     finally:
         guard.__exit__()
         profile.stop()
@@ -392,8 +400,11 @@ def _finished(exp: Experiment, run: Run, state, step: int) -> TrainResult:
 
 def evaluate_workdir(exp: Experiment, workdir: str, devices=None) -> tuple[int, dict[str, float]]:
     """Restore the newest checkpoint in `workdir` and evaluate it on the held-out split."""
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir} does not exist: pass the --workdir of a trained run")
     run = build(exp, devices)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    ckpt = Checkpointer(ckpt_dir)
     try:
         state, _ = ckpt.restore(run.state)
     finally:

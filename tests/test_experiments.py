@@ -294,3 +294,21 @@ def test_callbacks_see_every_logged_row_without_a_workdir(tmp_path, monkeypatch)
     assert rec.ends == [result]
     assert int(result.state.step) == 20
     assert os.listdir(tmp_path) == []  # no workdir: nothing written
+
+
+def test_accumulate_steps_schedule_spans_the_updates_that_happen(tmp_path):
+    """With optimizer.accumulate_steps=4 the cosine schedule is sized in optimizer updates."""
+    exp = _load("house_prices")
+    exp.config = config_lib.apply_overrides(
+        exp.config,
+        [
+            "train.steps=40",
+            "optimizer.accumulate_steps=4",
+            "logging.mfu=false",
+            "logging.log_every=4",
+        ],
+    )
+    result = train(exp)
+    rates = [r["learning_rate"] for r in result.history if r["split"] == "train"]
+    peak = exp.config.optimizer.learning_rate
+    assert rates[-1] < 0.1 * peak  # the cosine reached its end, not a quarter of the way

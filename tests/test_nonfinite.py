@@ -24,14 +24,14 @@ ARGS = [
 ]
 
 
-def _poisoned(*overrides):
+def _poisoned(*overrides, at=12):
     exp = load_experiment("binary_classification")
     exp.config = apply_overrides(exp.config, [*ARGS, *overrides])
     clean = make_dataset(exp.config.data)
     from jaxnv.data import StepBatches
 
     batches = StepBatches(clean.train, exp.config.train.batch_size, exp.config.train.seed)
-    victim = int(batches.indices(12)[3])  # an example of the batch of step 13 (1-based)
+    victim = int(batches.indices(at)[3])  # an example of the batch of step at + 1 (1-based)
     x = clean.train["x"].copy()
     x[victim, 0] = np.nan
     poisoned = dataclasses.replace(clean, train={"x": x, "y": clean.train["y"]})
@@ -62,5 +62,23 @@ def test_rollback_reloads_and_continues_past_the_bad_batch(tmp_path):
 def test_dynamic_loss_scale_overflow_is_not_bad():
     monitor = NonFiniteMonitor("stop", dynamic_loss_scale=True)
     rows = [{"loss": 0.5, "grads_finite": 0.0}, {"loss": float("nan"), "grads_finite": 0.0}]
-    assert monitor.first_bad(7, rows) == 8  # the overflow at 7 is routine; the nan loss is not
-    assert NonFiniteMonitor("stop", dynamic_loss_scale=False).first_bad(7, rows) == 7
+    assert monitor.first_bad(7, rows) == (8, 1)  # the overflow at 7 is routine; nan loss is not
+    assert NonFiniteMonitor("stop", dynamic_loss_scale=False).first_bad(7, rows) == (7, 2)
+
+
+def test_rollback_in_the_last_window_still_evaluates_and_saves_the_end(tmp_path):
+    from jaxnv.checkpoint import Checkpointer
+
+    workdir = str(tmp_path / "w")
+    result = train(_poisoned("train.on_nonfinite=rollback", at=22), workdir=workdir)
+    assert result.summary["rollbacks"] == 1
+    assert "eval_loss" in result.summary and np.isfinite(result.summary["eval_loss"])
+    assert Checkpointer(f"{workdir}/checkpoints").latest_step() == 25
+
+
+def test_skip_counts_every_bad_step():
+    monitor = NonFiniteMonitor("skip", dynamic_loss_scale=False)
+    rows = [{"loss": float("nan"), "grads_finite": 0.0}] * 3 + [{"loss": 1.0}]
+    first, count = monitor.first_bad(1, rows)
+    assert (first, count) == (1, 3)
+    assert monitor.should_rollback(first, None, count) is False and monitor.skipped == 3
