@@ -320,7 +320,7 @@ def _train(exp: Experiment, run: Run, workdir: str | None, callbacks) -> TrainRe
                         train_scalars["mfu"] = flops * train_scalars["steps_per_sec"] / peak
                     window = []
                     emit(done, "train", train_scalars)
-                    if ckpt is not None:
+                    if bad is not None and ckpt is not None:
                         ckpt.wait()  # every process sees the same committed steps
                     last_good = ckpt.latest_step() if ckpt is not None else None
                     if bad is not None and monitor.should_rollback(bad, last_good, n_bad):
