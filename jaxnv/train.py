@@ -322,7 +322,7 @@ def _train(exp: Experiment, run: Run, workdir: str | None, callbacks) -> TrainRe
                     emit(done, "train", train_scalars)
                     if bad is not None and ckpt is not None:
                         ckpt.wait()  # every process sees the same committed steps
-                    last_good = ckpt.latest_step() if ckpt is not None else None
+                    last_good = ckpt.latest_step() if bad is not None and ckpt else None
                     if bad is not None and monitor.should_rollback(bad, last_good, n_bad):
                         state, _ = ckpt.restore(state, last_good)
                         # go on after this logged window: its batches, the bad one among them,
