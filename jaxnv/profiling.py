@@ -27,17 +27,6 @@ def step_flops(jitted, *args) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
-def compiled_flops(compiled) -> float:
-    """FLOPs of one call of an ahead-of-time compiled function (0.0 if unavailable)."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - some backends have no cost model; MFU is then omitted
-        return 0.0
-    if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", 0.0))
-
-
 def measure_peak_flops(dtype=jnp.float32, n: int | None = None, repeats: int = 3) -> float:
     """FLOP/s of the best of `repeats` timed `n x n @ n x n` matmuls in `dtype` on device 0."""
     if n is None:

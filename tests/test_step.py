@@ -254,12 +254,16 @@ def test_dropout_uses_the_step_rng_deterministically():
 
     a, b = run(0), run(0)
     assert a[0] == b[0] and a[1] == b[1]  # reproducible
-    # dropout is on in training (loss differs from the deterministic forward) and off in eval
-    graphdef, state = a[2], a[3]
+    # dropout is on in training (the step's loss differs from the deterministic forward on the
+    # same params and batch) and off in eval (the same result twice)
+    graphdef, state = init_state(_model_fn(policy, dropout=0.5), tx, policy, jax.random.PRNGKey(0))
     evals = make_eval_step(graphdef, mse_loss, policy)
     batch = _batches(1)[0]
     e1, e2 = float(evals(state, batch)["loss"]), float(evals(state, batch)["loss"])
     assert e1 == e2
+    step = make_train_step(graphdef, mse_loss, tx, policy)
+    _, metrics = step(state, batch)
+    assert float(metrics["loss"]) != e1
 
 
 def test_batch_shape_and_dtype_errors_are_one_line():
