@@ -5,6 +5,7 @@
     jaxnv export EXPERIMENT --workdir DIR --out PATH [KEY=VALUE ...]
     jaxnv predict PATH --input INPUT.npy [--output OUT.npy]
     jaxnv launch -n N [--cpu-devices K] -- train EXPERIMENT ...
+    jaxnv bench [NAME [--quick] [--repeats R] [--no-append] ...]
     jaxnv info
 
 `JAXNV_CPU_DEVICES=N` simulates N CPU devices (set before JAX starts).
@@ -137,6 +138,43 @@ def cmd_launch(args) -> int:
     return launch(rest, args.num_processes, args.cpu_devices)
 
 
+def benchmarks_dir() -> str:
+    """The benchmarks/ folder: $JAXNV_BENCHMARKS, else ./benchmarks, else the source checkout's."""
+    candidates = [os.environ.get("JAXNV_BENCHMARKS", ""), "benchmarks"]
+    candidates.append(os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    for path in candidates:
+        if path and os.path.isfile(os.path.join(path, "_common.py")):
+            return os.path.abspath(path)
+    raise FileNotFoundError(
+        "no benchmarks/ folder found: run from a jaxnv checkout or set JAXNV_BENCHMARKS=DIR"
+    )
+
+
+def cmd_bench(args) -> int:
+    import runpy
+
+    folder = benchmarks_dir()
+    names = sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and f[0] != "_")
+    if not args.name:
+        print("jaxnv: benchmarks (run one with `jaxnv bench NAME [--quick]`): " + ", ".join(names))
+        return 0
+    name = args.name.removesuffix(".py")
+    if name not in names:
+        import difflib
+
+        near = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise ValueError(f"no benchmark {name!r}: {hint}choose one of {', '.join(names)}")
+    path = os.path.join(folder, name + ".py")
+    sys.path.insert(0, folder)  # the scripts import their sibling _common
+    saved, sys.argv = sys.argv, [path, *args.bench_args]
+    try:
+        runpy.run_path(path, run_name="__main__")
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def cmd_info(args) -> int:
     from jaxnv.info import info_lines
 
@@ -184,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-devices", type=int, default=0, help="simulated CPU devices per process")
     p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
     p.set_defaults(func=cmd_launch)
+    p = sub.add_parser("bench", help="run a benchmark from benchmarks/ (no NAME: list them)")
+    p.add_argument("name", nargs="?", help="a script in benchmarks/, e.g. overhead")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...", help="e.g. --quick")
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("info", help="backend, devices, the auto precision and versions")
     p.set_defaults(func=cmd_info)
     return parser
