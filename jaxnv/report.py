@@ -2,16 +2,31 @@
 
     print(format_report(run))           # mesh, rules, bytes per device, collectives per step
     print(dry_run(run))                 # + the per-param table and XLA's memory analysis
+    ops = collectives(compiled.as_text())   # every collective op: kind, buffer, group, bytes sent
 
-Collective bytes are read from the compiled HLO (the result shapes of all-reduce, all-gather,
-reduce-scatter, all-to-all and collective-permute ops), next to the textbook minimum of the chosen
-strategy: data parallel all-reduces the gradients (2 (n-1)/n of the param bytes on a ring); FSDP
-all-gathers the params for the forward and the backward and reduce-scatters the gradients
-(3 (n-1)/n).
+Collectives are read from the compiled HLO. Two figures per op:
+
+- **buffer bytes**: the size of the op's result as printed (an all-gather's gathered output, a
+  reduce-scatter's shard, an all-reduce's whole buffer);
+- **bytes sent per device** under the bandwidth-optimal ring algorithms NCCL uses, with n the size
+  of the op's replica group: all-reduce 2(n-1)/n x buffer, all-gather (n-1)/n x output,
+  reduce-scatter (n-1)/n x input, all-to-all (n-1)/n x buffer, collective-permute the buffer.
+
+The textbook minimum (`param_traffic`) is counted in the same unit, from the plan's param shapes:
+data parallel all-reduces each gradient over the batch axes, FSDP all-gathers each param once and
+reduce-scatters its gradient over `fsdp`, then all-reduces the shard over `data`. Tensor-parallel
+activation traffic depends on the model (see benchmarks/collectives.py for the transformer's).
+
+XLA's CPU pipeline has no reduce-scatter creation pass: a gradient that should be reduce-scattered
+is compiled as an all-reduce followed by a per-device dynamic-slice. `collectives` marks such
+all-reduce bytes as `sliced`; `sent_bytes(ops, as_gpu=True)` counts them as the reduce-scatters
+XLA's GPU pipeline (`ReduceScatterCreator`) makes of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 
 import jax
@@ -36,6 +51,8 @@ _DTYPE_BYTES = {
     "u64": 8,
 }
 _SHAPE = re.compile(r"(f64|f32|bf16|f16|s64|s32|u32|s16|u16|u64|s8|u8|pred)\[([0-9,]*)\]")
+_OP = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
+_KIND = re.compile(r"^(" + "|".join(COLLECTIVES) + r")(-start)?$")
 
 
 def per_device_bytes(tree) -> int:
@@ -48,43 +65,205 @@ def per_device_bytes(tree) -> int:
     return total
 
 
-def collective_bytes(hlo_text: str) -> dict[str, int]:
-    """Bytes produced per device by each kind of collective in an HLO module's text."""
-    out = dict.fromkeys(COLLECTIVES, 0)
+def _shape_bytes(text: str) -> list[int]:
+    """Bytes of every array shape in `text` (`f32[8,4]{1,0}` -> 128), in order."""
+    return [
+        int(np.prod([int(d) for d in dims.split(",") if d])) * _DTYPE_BYTES[dtype]
+        for dtype, dims in _SHAPE.findall(text)
+    ]
+
+
+def group_size(line: str, devices: int) -> int:
+    """Devices in each replica group of a collective op's HLO line.
+
+    Reads the three spellings XLA prints: explicit `{{0,1},{2,3}}`, iota `[2,4]<=[8]` (2 groups
+    of 4) and mesh `mesh['axis_0'=4,'axis_1'=2] {'axis_0'}` (the listed axes; none: all of them).
+    An empty or missing list means all `devices`.
+    """
+    m = re.search(r"replica_groups=(\{\{[^}]*\}|\[[\d,]+\]<=|mesh\[[^\]]*\](?: \{[^}]*\})?)", line)
+    if m is None:
+        return devices
+    spec = m.group(1)
+    if spec.startswith("{{"):
+        return len(spec[2:].split(","))
+    if spec.startswith("["):
+        return int(spec[1:].split("]")[0].split(",")[-1])
+    sizes = dict(re.findall(r"'([^']+)'=(\d+)", spec))
+    chosen = re.search(r"\] \{([^}]*)\}", spec)
+    if chosen is None:
+        return math.prod(int(v) for v in sizes.values())
+    n = 1
+    for name, sub in re.findall(r"'([^']+)'(?::\(\d+\)(\d+))?", chosen.group(1)):
+        n *= int(sub) if sub else int(sizes.get(name, 1))  # `'a':(k)m`: m devices of axis a
+    return n
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective op of a compiled step."""
+
+    kind: str  # one of COLLECTIVES
+    buffer: int  # bytes of the result (all-gather: gathered; reduce-scatter: the shard)
+    group: int  # devices in each replica group
+    op_name: str  # the JAX op it came from (HLO metadata), for explanations
+    sliced: int = 0  # all-reduce bytes whose results are only dynamic-sliced per device
+    count: int = 1  # executions per step (a collective in a loop body runs once per trip)
+
+    def sent(self, as_gpu: bool = False) -> float:
+        """Bytes one device sends per step (ring algorithms); `as_gpu` counts the `sliced` part
+        of an all-reduce as the reduce-scatter XLA's GPU pipeline makes of it."""
+        n, b = self.group, self.buffer
+        if n <= 1 and self.kind != "collective-permute":
+            return 0.0
+        if self.kind == "all-reduce":
+            rs = self.sliced if as_gpu else 0
+            one = 2 * (n - 1) / n * (b - rs) + (n - 1) / n * rs
+        elif self.kind == "reduce-scatter":
+            one = (n - 1) * b
+        elif self.kind == "collective-permute":
+            one = b
+        else:  # all-gather, all-to-all
+            one = (n - 1) / n * b
+        return one * self.count
+
+    def effective_kind(self, as_gpu: bool = False) -> str:
+        return (
+            "reduce-scatter" if as_gpu and self.kind == "all-reduce" and self.sliced else self.kind
+        )
+
+
+def _parse(hlo_text: str):
+    """`{name: (result text, opcode, operand names, line)}`, users by name, trips by name."""
+    ops, users, computation_of, trips = {}, {}, {}, {}
+    computation = ""
     for line in hlo_text.splitlines():
-        for kind in COLLECTIVES:
-            # `%x = f32[8,4]{1,0} all-reduce(...)` or a tuple result `(f32[..], f32[..]) all-...(`
-            marker = f" {kind}("
-            start_marker = f" {kind}-start("
-            if marker in line or start_marker in line:
-                lhs = line.split(marker if marker in line else start_marker)[0]
-                lhs = lhs.split("=", 1)[-1]
-                for dtype, dims in _SHAPE.findall(lhs):
-                    n = int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-                    out[kind] += n * _DTYPE_BYTES[dtype]
-                break
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            computation = line.split()[1] if line.startswith("ENTRY") else line.split()[0]
+            computation = computation.lstrip("%")
+            continue
+        m = _OP.match(line)
+        if m is None:
+            continue
+        name, result, opcode, rest = m.groups()
+        head = rest.split("metadata=")[0]
+        operands = re.findall(r"(?<![=\w])%([\w.\-]+)", head)
+        ops[name] = (result, opcode, operands, line)
+        computation_of[name] = computation
+        for o in operands:
+            users.setdefault(o, []).append(name)
+        if opcode == "while":
+            body = re.search(r"body=%([\w.\-]+)", line)
+            n = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+            if body and n:
+                trips[body.group(1)] = int(n.group(1))
+    return ops, users, computation_of, trips
+
+
+def _only_sliced(name: str, ops, users, depth: int = 0) -> bool:
+    """Whether every use of `name` cuts out this device's part (a dynamic-slice by partition)."""
+    uses = users.get(name, [])
+    if not uses or depth > 3:
+        return False
+    for u in uses:
+        _, opcode, operands, _ = ops[u]
+        if opcode in ("bitcast", "copy", "reshape"):
+            if not _only_sliced(u, ops, users, depth + 1):
+                return False
+        elif not (
+            opcode == "dynamic-slice"
+            or "dynamic-slice" in u
+            or any(o.startswith("partition-id") for o in operands)
+        ):
+            return False
+    return True
+
+
+def collectives(hlo_text: str, devices: int | None = None) -> list[Collective]:
+    """Every collective op in an HLO module's text (async `-start` ops once, `-done` not)."""
+    devices = jax.device_count() if devices is None else devices
+    ops, users, computation_of, trips = _parse(hlo_text)
+    out = []
+    for name, (result, opcode, _, line) in ops.items():
+        m = _KIND.match(opcode)
+        if m is None:
+            continue
+        kind, started = m.group(1), bool(m.group(2))
+        sizes = _shape_bytes(result)
+        if started and kind != "all-reduce":  # (operands..., outputs..., [contexts]): outputs
+            sizes = [s for s in sizes if s > 4] or sizes
+            sizes = sizes[len(sizes) // 2 :]
+        sliced = 0
+        if kind == "all-reduce" and not started:
+            if result.startswith("("):  # a tuple: each element is read by a get-tuple-element
+                for u in users.get(name, []):
+                    index = re.search(r"index=(\d+)", ops[u][3])
+                    if ops[u][1] == "get-tuple-element" and index and _only_sliced(u, ops, users):
+                        sliced += sizes[int(index.group(1))]
+            elif _only_sliced(name, ops, users):
+                sliced = sum(sizes)
+        where = re.search(r'op_name="([^"]*)"', line)
+        out.append(
+            Collective(
+                kind,
+                sum(sizes),
+                group_size(line, devices),
+                where.group(1) if where else "",
+                sliced,
+                trips.get(computation_of[name], 1),
+            )
+        )
     return out
 
 
-def _minimum(rules: dict, mesh, param_bytes: int) -> tuple[int, str]:
-    n = mesh.shape["data"] * mesh.shape["fsdp"]
-    if n == 1 and mesh.shape["tensor"] == 1:
-        return 0, "one device: no collectives needed"
-    if not rules:
-        return int(2 * (n - 1) / n * param_bytes), f"dp: all-reduce grads, 2(n-1)/n, n={n}"
-    if set(rules.values()) == {"fsdp"}:
-        f, d = mesh.shape["fsdp"], mesh.shape["data"]
-        # gather params for forward and backward, reduce-scatter grads over fsdp, then all-reduce
-        # each device's grad shard over the data replicas
-        gathered = 3 * (f - 1) / f * param_bytes
-        replicas = 2 * (d - 1) / d * param_bytes / f
-        return int(gathered + replicas), f"fsdp: 2 all-gathers + reduce-scatter (n={f}), " + (
-            f"all-reduce over data (n={d})"
-        )
-    return -1, "tensor parallel: depends on activations (no single textbook figure)"
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Buffer bytes per step of each kind of collective in an HLO module's text."""
+    out = dict.fromkeys(COLLECTIVES, 0)
+    for c in collectives(hlo_text, devices=1):
+        out[c.kind] += c.buffer * c.count
+    return out
 
 
-def _mib(n: int) -> str:
+def sent_bytes(ops: list[Collective], as_gpu: bool = False) -> dict[str, float]:
+    """Bytes one device sends per step, by kind (ring algorithms; see the module docstring)."""
+    out = dict.fromkeys(COLLECTIVES, 0.0)
+    for c in ops:
+        out[c.effective_kind(as_gpu)] += c.sent(as_gpu)
+    return out
+
+
+def param_traffic(plan, params) -> dict[str, float]:
+    """The textbook bytes one device sends per step to keep `params` (ShapeDtypeStructs or
+    arrays, as laid out by `plan`) in sync, by kind: gradients all-reduced over the batch axes,
+    or, for a param split over `fsdp`, gathered once (kept for the backward), its gradient
+    reduce-scattered over `fsdp` and the shard all-reduced over `data`. Tensor-parallel
+    activation traffic is not included (it depends on the model).
+    """
+    mesh = plan.mesh
+    d, f = mesh.shape["data"], mesh.shape["fsdp"]
+    out = dict.fromkeys(COLLECTIVES, 0.0)
+    for x, sharding in zip(
+        jax.tree.leaves(params), jax.tree.leaves(plan.state.params), strict=True
+    ):
+        spec = [
+            a
+            for axes in sharding.spec
+            if axes
+            for a in (axes if isinstance(axes, tuple) else (axes,))
+        ]
+        local = int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+        if "tensor" in spec:
+            local //= mesh.shape["tensor"]
+        if "fsdp" in spec and f > 1:
+            out["all-gather"] += (f - 1) / f * local
+            out["reduce-scatter"] += (f - 1) / f * local
+            out["all-reduce"] += 2 * (d - 1) / d * local / f
+        else:
+            n = d * f
+            out["all-reduce"] += 2 * (n - 1) / n * local
+    return out
+
+
+def _mib(n: float) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
@@ -101,31 +280,49 @@ def format_report(run, compiled=None) -> str:
         f"optimizer state {_mib(per_device_bytes(state.opt_state))}",
     ]
     if compiled is not None:
-        moved = collective_bytes(compiled.as_text())
-        total = sum(moved.values())
-        minimum, why = _minimum(plan.rules, plan.mesh, full)
-        detail = ", ".join(f"{k} {_mib(v)}" for k, v in moved.items() if v)
-        lines.append(f"collectives per step per device: {_mib(total)} ({detail or 'none'})")
-        if minimum >= 0:
-            lines.append(f"  textbook minimum: {_mib(minimum)} ({why})")
-        else:
-            lines.append(f"  textbook minimum: {why}")
+        ops = collectives(compiled.as_text(), plan.mesh.size)
+        sent = sent_bytes(ops)
+        buffers = collective_bytes(compiled.as_text())
+        detail = ", ".join(f"{k} {_mib(v)}" for k, v in sent.items() if v)
+        lines.append(
+            f"collectives per step per device: {_mib(sum(sent.values()))} sent "
+            f"({detail or 'none'}; {len(ops)} ops, buffers {_mib(sum(buffers.values()))})"
+        )
+        sliced = sum(c.sliced * c.count for c in ops)
+        if sliced:
+            gpu = sum(sent_bytes(ops, as_gpu=True).values())
+            lines.append(
+                f"  of which {_mib(sliced)} of all-reduce buffers are only sliced per device: "
+                f"reduce-scatters on GPU, {_mib(gpu)} sent there"
+            )
+        minimum = param_traffic(plan, state.params)
+        why = ", ".join(f"{k} {_mib(v)}" for k, v in minimum.items() if v)
+        extra = " + tensor-parallel activations" if plan.mesh.shape["tensor"] > 1 else ""
+        lines.append(
+            f"  textbook minimum: {_mib(sum(minimum.values()))} sent for the params "
+            f"({why or 'none'}){extra}"
+        )
     return "\n".join(lines)
 
 
-def compile_step(run):
+# for a step that is only inspected, never run: LLVM's optimisations do not change the HLO, the
+# collectives or the buffer sizes, and skipping them halves the compile time on a CPU
+INSPECT_ONLY = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def compile_step(run, compiler_options: dict | None = None):
     """The train step compiled ahead of time for the run's state and batch shapes."""
     batch = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=run.plan.batch),
         run.train_step.batch_spec,
     )
     with jax.set_mesh(run.plan.mesh):
-        return run.train_step.fn.lower(run.state, batch).compile()
+        return run.train_step.fn.lower(run.state, batch).compile(compiler_options)
 
 
 def dry_run(run) -> str:
     """The sharding table, the report and XLA's per-device memory analysis of the train step."""
-    compiled = compile_step(run)
+    compiled = compile_step(run, INSPECT_ONLY)
     lines = [format_table(run.plan), format_report(run, compiled)]
     mem = compiled.memory_analysis()
     if mem is not None:
