@@ -1,38 +1,44 @@
-"""Checkpoint saves: how long the training loop is blocked, async orbax save against a sync one.
+"""Checkpoints: how long a save blocks the loop (async against sync), and save/restore MB/s.
 
-Run:  .venv/bin/python benchmarks/checkpoint_async.py [--repeats 7] [--dir DIR] [--no-append]
+Run:  jaxnv bench checkpoint_async [--quick] [--repeats 7] [--dir DIR] [--no-append]
 
-The state is a real jaxnv `TrainState` (MLP params and adamw moments, fp32) built by
-`jaxnv.train.build`. Two `Checkpointer`s write to `--dir` (default: a new temporary directory
-beside the system's temp files), `keep=2` so that old steps are deleted as in a run. For each
-state size, three figures per contender:
+The state is a real jaxnv `TrainState` (MLP params and adamw moments, fp32, after a few steps so
+the moments are not zeros) built by `jaxnv.train.build`. Everything is written under `--dir`
+(default: a new temporary directory beside the system's temp files), `keep=2` so that old steps
+are deleted as in a run. Per state size:
 
 - blocking: `maybe_save(step, state, meta, force=True)` until it returns, nothing else running.
-  That is how long the loop stands still at a save step.
+  That is how long the loop stands still at a save step. Target: async <= 0.10 x sync.
 - commit: from the call until `wait()` returns (the step directory renamed into place).
 - loop cost: `maybe_save` then K jitted train steps (about 1 s of them, state donated) until
   the last one and the save have both finished, minus the same K steps with no save. The async
   write shares the host with the steps, so this is the blocking time plus what the background
-  write takes from the steps. Paired within each repeat; the table also gives its interquartile
-  range, because the step time of a shared machine drifts by 10-20 % over a run.
+  write takes from the steps. Paired within each repeat (the order alternates); the table also
+  gives its interquartile range, because the step time of a shared machine drifts by 10-20 %.
+- save MB/s: state bytes over the time of one synchronous `Checkpointer` save (orbax: OCDBT,
+  fsynced, old step deleted), against numpy writing the same arrays: `np.save` of each leaf
+  into a new directory, each file fsynced, the directory renamed into place and the one from two
+  saves back deleted. `compress=True` is jaxnv's old default (zstd), for before/after.
+- restore MB/s: `Checkpointer.restore` onto the state's shardings until the arrays are ready,
+  against `np.load(allow_pickle=False)` of each file plus `jax.device_put`. Both read files
+  written moments before, so both come from the page cache: this is the software's speed, not
+  the disk's.
 
-Contenders run interleaved in one process (the order alternates each repeat), after one warm-up
-save each; medians of `repeats`; ratios (async/sync) last. Appends a table to
-benchmarks/RESULTS.md unless --no-append.
+Contenders run interleaved in one process after a warm-up round; medians of `repeats`; ratios
+last (async/sync, jaxnv/numpy). `--quick`: one tiny state, 3 repeats, a short loop.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import os
-import platform
 import shutil
 import statistics
 import tempfile
 import time
 
 import jax
+import numpy as np
+from _common import interleave, parser, report, timed
 from absl import logging as absl_logging
 
 from jaxnv import apply_overrides
@@ -46,8 +52,7 @@ CASES = {  # name: model.features of binary_classification's MLP (2 inputs, 1 ou
     "mlp 2-2048x2-1": "2048,2048",
     "mlp 2-2048x4-1": "2048,2048,2048,2048",
 }
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-LOOP_SECONDS = 1.0
+QUICK_CASES = {"mlp 2-256x2-1": "256,256"}
 
 
 def _steps(run, state, batch, k):
@@ -56,7 +61,41 @@ def _steps(run, state, batch, k):
     return jax.block_until_ready(state)
 
 
-def bench_case(features, repeats, root):
+class NumpyCheckpoints:
+    """The plain baseline: one `.npy` per leaf, fsynced, renamed into place, keep 2."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.steps: list[int] = []
+        os.makedirs(directory, exist_ok=True)
+
+    def save(self, step: int, state) -> None:
+        arrays = [np.asarray(x) for x in jax.device_get(jax.tree.leaves(state))]
+        tmp = os.path.join(self.directory, f"{step}.tmp")
+        os.makedirs(tmp)
+        for i, a in enumerate(arrays):
+            with open(os.path.join(tmp, f"{i}.npy"), "wb") as f:
+                np.save(f, a, allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+        os.rename(tmp, os.path.join(self.directory, str(step)))
+        self.steps.append(step)
+        while len(self.steps) > 2:
+            shutil.rmtree(os.path.join(self.directory, str(self.steps.pop(0))))
+
+    def restore(self, target):
+        leaves, treedef = jax.tree.flatten(target)
+        folder = os.path.join(self.directory, str(self.steps[-1]))
+        out = [
+            jax.device_put(
+                np.load(os.path.join(folder, f"{i}.npy"), allow_pickle=False), x.sharding
+            )
+            for i, x in enumerate(leaves)
+        ]
+        return jax.tree.unflatten(treedef, out)
+
+
+def bench_case(features, repeats, root, loop_seconds):
     exp = load_experiment("binary_classification")
     exp.config = apply_overrides(
         exp.config, [f"model.features={features}", "train.batch_size=32", "logging.progress=false"]
@@ -64,19 +103,19 @@ def bench_case(features, repeats, root):
     run = build(exp, jax.devices()[:1])
     meta = {"config": config_lib.to_dict(run.cfg), "version": "bench"}
     batch = put_batch(run.batches[0], run.plan.batch)
-    state = _steps(run, run.state, batch, 2)  # compiles
+    state = _steps(run, run.state, batch, 2)  # compiles; moments are no longer zeros
     start = time.perf_counter()
     state = _steps(run, state, batch, 5)
-    k = max(5, round(LOOP_SECONDS / ((time.perf_counter() - start) / 5)))
-    info = {
-        "params": sum(x.size for x in jax.tree.leaves(state.params)),
-        "mb": sum(x.nbytes for x in jax.tree.leaves(state)) / 1e6,
-        "k": k,
-    }
+    k = max(5, round(loop_seconds / ((time.perf_counter() - start) / 5)))
+    mb = sum(x.nbytes for x in jax.tree.leaves(state)) / 1e6
+    info = {"params": sum(x.size for x in jax.tree.leaves(state.params)), "mb": mb, "k": k}
+    path = os.path.join(root, features.replace(",", "x"))
     ckpts = {
-        name: Checkpointer(os.path.join(root, f"{features}-{name}"), keep=2, async_save=on)
+        name: Checkpointer(os.path.join(path, name), keep=2, async_save=on)
         for name, on in (("sync", False), ("async", True))
     }
+    zstd = Checkpointer(os.path.join(path, "zstd"), keep=2, async_save=False, compress=True)
+    plain = NumpyCheckpoints(os.path.join(path, "numpy"))
     step = 0
 
     def save(ckpt):
@@ -84,25 +123,33 @@ def bench_case(features, repeats, root):
         step += 1
         assert ckpt.maybe_save(step, state, meta, force=True)
 
-    for ckpt in ckpts.values():  # warm-up: compiles the finiteness check, opens orbax's threads
-        save(ckpt)
-        ckpt.wait()
-    times = {(name, what): [] for name in ckpts for what in ("block", "commit", "loop")}
-    bare = []
-    for r in range(repeats):
-        order = list(ckpts) if r % 2 == 0 else list(reversed(ckpts))
-        for name in order:
+    # 1. blocking and commit, sync against async
+    commit = {"sync": [], "async": []}
+
+    def blocking(name):
+        def fn():
             ckpt = ckpts[name]
             ckpt.wait()
             t0 = time.perf_counter()
             save(ckpt)
             t1 = time.perf_counter()
             ckpt.wait()
-            t2 = time.perf_counter()
-            times[name, "block"].append(t1 - t0)
-            times[name, "commit"].append(t2 - t0)
+            commit[name].append(time.perf_counter() - t0)
+            return t1 - t0
+
+        return fn
+
+    block = interleave({n: blocking(n) for n in ckpts}, repeats)
+    med = {("block", n): block[n] for n in ckpts}
+    med |= {("commit", n): statistics.median(v[1:]) for n, v in commit.items()}  # no warm-up
+
+    # 2. loop cost: K steps with a save minus K steps without, paired within each repeat
+    loop_cost = {name: [] for name in ckpts}
+    bare = []
+    for r in range(repeats):
+        order = ["none", *ckpts] if r % 2 == 0 else [*reversed(ckpts), "none"]
         loop = {}
-        for name in ["none", *order] if r % 2 == 0 else [*order, "none"]:
+        for name in order:
             ckpt = ckpts.get(name)
             t0 = time.perf_counter()
             if ckpt is not None:
@@ -112,59 +159,110 @@ def bench_case(features, repeats, root):
                 ckpt.wait()
             loop[name] = time.perf_counter() - t0
         bare.append(loop["none"])
-        for name in ckpts:  # paired within the repeat: slow drifts of the machine cancel
-            times[name, "loop"].append(loop[name] - loop["none"])
-    for ckpt in ckpts.values():
+        for name in ckpts:
+            loop_cost[name].append(loop[name] - loop["none"])
+    med |= {("loop", n): statistics.median(v) for n, v in loop_cost.items()}
+    iqr = {n: statistics.quantiles(v, n=4)[::2] for n, v in loop_cost.items()}
+
+    # 3. save and restore throughput against numpy, same state, same disk
+    state = jax.block_until_ready(state)
+
+    def numpy_save():
+        nonlocal step
+        step += 1
+        return timed(lambda: plain.save(step, state))
+
+    writes = interleave(
+        {
+            "numpy": numpy_save,
+            "jaxnv": lambda: timed(lambda: save(ckpts["sync"])),
+            "jaxnv zstd": lambda: timed(lambda: save(zstd)),
+        },
+        repeats,
+    )
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    reads = interleave(
+        {
+            "numpy": lambda: timed(lambda: jax.block_until_ready(plain.restore(target))),
+            "jaxnv": lambda: timed(lambda: jax.block_until_ready(ckpts["sync"].restore(target))),
+            "jaxnv zstd": lambda: timed(lambda: jax.block_until_ready(zstd.restore(target))),
+        },
+        repeats,
+    )
+    restored, _ = ckpts["sync"].restore(target)  # the restore really returns the state
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True)
+    )
+    for ckpt in [*ckpts.values(), zstd]:
         ckpt.close()
-    med = {key: statistics.median(v) for key, v in times.items()}
-    iqr = {key: statistics.quantiles(v, n=4)[::2] for key, v in times.items() if key[1] == "loop"}
-    return info, statistics.median(bare), med, iqr
+    info["bare"] = statistics.median(bare)
+    return info, med, iqr, writes, reads
+
+
+def rows_of(name, info, med, iqr, writes, reads):
+    label = f"{name} ({info['params'] / 1e6:.2f}M params, {info['mb']:.1f} MB state)"
+    k_label = f"{info['k']} steps, {info['bare'] * 1e3:.0f} ms bare"
+    rows = []
+    for what, title in (
+        ("block", f"blocking per save, sync → async: {label}"),
+        ("commit", f"save to commit, sync → async: {label}"),
+        ("loop", f"loop cost per save ({k_label}), sync → async: {label}"),
+    ):
+        s, a = med[what, "sync"] * 1e3, med[what, "async"] * 1e3
+        cells = [f"{s:.0f} ms", f"{a:.0f} ms"]
+        if what == "loop":
+            for i, n in enumerate(("sync", "async")):
+                lo, hi = (x * 1e3 for x in iqr[n])
+                cells[i] += f" (IQR {lo:.0f} to {hi:.0f})"
+        rows.append((title, *cells, f"{a / s:.2f}"))
+    mb = info["mb"]
+    for what, times in (("save", writes), ("restore", reads)):
+        base = mb / times["numpy"]
+        for who in ("jaxnv", "jaxnv zstd"):
+            rate = mb / times[who]
+            who_label = who if who == "jaxnv" else "jaxnv compress=True (old default)"
+            rows.append(
+                (
+                    f"{what} MB/s, numpy → {who_label}: {label}",
+                    f"{base:.0f} MB/s ({times['numpy'] * 1e3:.0f} ms)",
+                    f"{rate:.0f} MB/s ({times[who] * 1e3:.0f} ms)",
+                    f"{rate / base:.2f}",
+                )
+            )
+    return rows
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--dir", default=None, help="where to write (default: a new temp dir)")
-    parser.add_argument("--no-append", action="store_true")
-    args = parser.parse_args()
+    p = parser(__doc__)
+    p.add_argument("--dir", default=None, help="where to write (default: a new temp dir)")
+    args = p.parse_args()
+    cases, loop_seconds = CASES, 1.0
+    if args.quick:
+        cases, loop_seconds, args.repeats = QUICK_CASES, 0.2, min(args.repeats, 3)
     # orbax adds the time of our explicit wait() calls to the next save's "waiting for previous
     # save" warning; the figures below are the real blocking times
     absl_logging.set_verbosity(absl_logging.ERROR)
     root = tempfile.mkdtemp(prefix="jaxnv-ckpt-bench-", dir=args.dir)
-    machine = f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind}"
-    load = os.getloadavg()[0]
-    print(f"machine: {machine}, jax {jax.__version__}, load {load:.1f}, writing under {root}")
-    print(f"{'case':58} {'sync ms':>9} {'async ms':>9} {'async/sync':>11}")
+    start_load = os.getloadavg()[0]
+    print(f"writing under {root}; load average {start_load:.1f} at the start", flush=True)
     rows = []
     try:
-        for name, features in CASES.items():
-            info, base, med, iqr = bench_case(features, args.repeats, root)
-            label = f"{name} ({info['params'] / 1e6:.1f}M params, {info['mb']:.0f} MB state)"
-            k_label = f"{info['k']} steps, {base * 1e3:.0f} ms bare"
-            for what, title in (
-                ("block", f"blocking per save: {label}"),
-                ("commit", f"save to commit: {label}"),
-                ("loop", f"loop cost per save ({k_label}): {label}"),
-            ):
-                s, a = med["sync", what] * 1e3, med["async", what] * 1e3
-                cells = [f"{s:.0f} ms", f"{a:.0f} ms"]
-                if what == "loop":
-                    for i, name in enumerate(("sync", "async")):
-                        lo, hi = (x * 1e3 for x in iqr[name, what])
-                        cells[i] += f" (IQR {lo:.0f} to {hi:.0f})"
-                rows.append(f"| {title} | {cells[0]} | {cells[1]} | {a / s:.2f} |")
-                print(f"{what + ': ' + label:58} {s:9.0f} {a:9.0f} {a / s:11.2f}")
+        for name, features in cases.items():
+            result = bench_case(features, args.repeats, root, loop_seconds)
+            rows += rows_of(name, *result)
+            print("\n".join(" | ".join(r) for r in rows[-7:]), flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print("\n".join(rows))
-    if not args.no_append:
-        with open(RESULTS, "a", encoding="utf-8") as f:
-            f.write(f"\n### checkpoint_async.py, {datetime.date.today()}, {machine}\n\n")
-            end = os.getloadavg()[0]
-            f.write(f"Load average {load:.1f} at the start, {end:.1f} at the end. ")
-            f.write(f"`--repeats {args.repeats}`.\n\n")
-            f.write("| case | sync save | async save | ratio |\n| --- | --- | --- | --- |\n")
-            f.write("\n".join(rows) + "\n")
+    report(
+        "checkpoint_async.py",
+        ("case", "baseline", "measured", "ratio"),
+        rows,
+        args,
+        notes=f"Load average {start_load:.1f} at the start.",
+    )
 
 
 if __name__ == "__main__":
