@@ -20,6 +20,7 @@ from flax import nnx
 from jaxnv import __version__
 from jaxnv import config as config_lib
 from jaxnv.checkpoint import Checkpointer
+from jaxnv.compilation import enable_compilation_cache
 from jaxnv.data import Dataset, StepBatches, eval_batches
 from jaxnv.distributed import is_primary
 from jaxnv.experiment import Experiment
@@ -172,6 +173,7 @@ def build(exp: Experiment, devices=None, *, abstract: bool = False) -> Run:
     state is only shapes and shardings (`jax.ShapeDtypeStruct`s): nothing is allocated, which is
     what a dry run needs.
     """
+    enable_compilation_cache()  # $JAXNV_COMPILATION_CACHE, else ~/.cache/jaxnv/xla; "off": none
     cfg = config_lib.validate(exp.config)
     t, loss_fn = cfg.train, exp.resolved_loss_fn()
     data = exp.make_data(cfg)

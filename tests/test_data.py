@@ -295,6 +295,66 @@ def test_batches_straddle_epochs_when_batch_does_not_divide():
     np.testing.assert_array_equal(np.sort(stream[n:]), np.arange(n))
 
 
+def _reference_indices(n, batch, seed, step):
+    """The order `StepBatches` has always used: positions in an endless stream of epochs, each
+    epoch a `default_rng([seed, epoch])` permutation (checkpoints of old runs resume on it)."""
+    epochs, offsets = np.divmod(np.arange(step * batch, (step + 1) * batch), n)
+    perms = {e: np.random.default_rng([seed, int(e)]).permutation(n) for e in np.unique(epochs)}
+    return np.array([perms[e][o] for e, o in zip(epochs, offsets, strict=True)])
+
+
+@pytest.mark.parametrize(("n", "batch"), [(50, 8), (10, 4), (7, 7), (3, 8)])
+def test_batch_order_matches_the_reference(n, batch):
+    batches = StepBatches(_indexed(n), batch, seed=11)
+    for step in (0, 1, 5, 6, 13, 40, 2):
+        want = _reference_indices(n, batch, 11, step)
+        np.testing.assert_array_equal(batches.indices(step), want)
+        np.testing.assert_array_equal(batches[step]["x"], want)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_chunked_iteration_yields_each_steps_batch(processes, prefetch):
+    """`iterate` prepares several steps at a time; every batch is still `local(step)`."""
+    data = _indexed(23)  # batches straddle epochs at varying offsets
+    for start, stop in [(0, 1), (0, 10), (3, 17), (16, 33), (5, 6)]:
+        for index in range(processes):
+            batches = StepBatches(data, 6, seed=2, process_index=index, process_count=processes)
+            batches.chunk_steps = 4  # chunks end at 4, 8, ... steps after `start`
+            calls = []
+
+            def put(tree, calls=calls):
+                calls.append(len(tree))
+                return [{k: v + 0 for k, v in b.items()} for b in tree]
+
+            got = list(batches.iterate(start, stop, prefetch=prefetch, put=put))
+            assert len(got) == stop - start
+            assert sorted(calls, reverse=True) == [4] * ((stop - start) // 4) + (
+                [(stop - start) % 4] if (stop - start) % 4 else []
+            )
+            for step, b in enumerate(got, start):
+                np.testing.assert_array_equal(b["x"], batches.local(step)["x"])
+                np.testing.assert_array_equal(b["y"], 10 * b["x"])
+
+
+def test_big_batches_are_prepared_one_step_at_a_time():
+    batches = StepBatches({"x": np.zeros((64, 1024), np.float32)}, 32, seed=0)  # 128 KiB each
+    assert batches._steps_per_chunk() == 8  # 1 MiB a chunk
+    batches.chunk_bytes = 1
+    assert batches._steps_per_chunk() == 1
+
+
+def test_concurrent_readers_share_the_epoch_cache():
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = StepBatches(_indexed(5), 4, seed=0)  # a new epoch every other step
+    steps = list(range(200)) * 2
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda s: batches.local(s)["x"], steps))
+    for step, x in zip(steps, got, strict=True):
+        np.testing.assert_array_equal(x, _reference_indices(5, 4, 0, step))
+
+
 def test_step_batches_refuses_arrays_of_different_lengths():
     with pytest.raises(ValueError, match="differ in length"):
         StepBatches({"x": np.zeros(10), "y": np.zeros(9)}, 2, seed=0)
