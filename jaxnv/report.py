@@ -77,23 +77,26 @@ def group_size(line: str, devices: int) -> int:
     """Devices in each replica group of a collective op's HLO line.
 
     Reads the three spellings XLA prints: explicit `{{0,1},{2,3}}`, iota `[2,4]<=[8]` (2 groups
-    of 4) and mesh `mesh['axis_0'=4,'axis_1'=2] {'axis_0'}` (the listed axes; none: all of them).
+    of 4) and mesh `mesh['axis_0'=4,'axis_1'=2], device_ids=(...) {'axis_0'}` (the listed axes).
     An empty or missing list means all `devices`.
     """
-    m = re.search(r"replica_groups=(\{\{[^}]*\}|\[[\d,]+\]<=|mesh\[[^\]]*\](?: \{[^}]*\})?)", line)
+    m = re.search(
+        r"replica_groups=(\{\{[^}]*\}|\[[\d,]+\]<=|mesh\[[^\]]*\])"
+        r"(?:, device_ids=\(\S*\))?(?: \{([^}]*)\})?",
+        line,
+    )
     if m is None:
         return devices
-    spec = m.group(1)
+    spec, chosen = m.groups()
     if spec.startswith("{{"):
         return len(spec[2:].split(","))
     if spec.startswith("["):
         return int(spec[1:].split("]")[0].split(",")[-1])
     sizes = dict(re.findall(r"'([^']+)'=(\d+)", spec))
-    chosen = re.search(r"\] \{([^}]*)\}", spec)
     if chosen is None:
         return math.prod(int(v) for v in sizes.values())
     n = 1
-    for name, sub in re.findall(r"'([^']+)'(?::\(\d+\)(\d+))?", chosen.group(1)):
+    for name, sub in re.findall(r"'([^']+)'(?::\(\d+\)(\d+))?", chosen):
         n *= int(sub) if sub else int(sizes.get(name, 1))  # `'a':(k)m`: m devices of axis a
     return n
 
