@@ -4,9 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.jaxnv-installed
+BENCH_STAMP := $(VENV)/.jaxnv-bench-installed
 PYTEST_ARGS ?=
 
-.PHONY: install train test lint format lock
+.PHONY: install train test lint format lock bench
 
 install: $(STAMP)
 
@@ -16,10 +17,18 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install -q -c requirements.lock -e ".[test]"
 	touch $(STAMP)
 
+# The benchmarks' PyTorch reference (CPU build, from the wheel on disk); `make test` smoke-runs it.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -c requirements.lock -e ".[test,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)  ## run one benchmark: make bench NAME=overhead [ARGS=--quick]
+	$(BIN)/jaxnv bench $(NAME) $(ARGS)
+
 train: $(STAMP)  ## a real training run: house_prices on the CPU
 	$(BIN)/jaxnv train house_prices $(ARGS)
 
-test: $(STAMP)  ## lint + the whole test suite
+test: $(STAMP) $(BENCH_STAMP)  ## lint + the whole test suite
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -n 2 --durations=15 $(PYTEST_ARGS)

@@ -1,21 +1,18 @@
 """Framework overhead: a jaxnv train step against a hand-written plain JAX + optax step.
 
-Run:  .venv/bin/python benchmarks/overhead.py [--repeats 7] [--steps 200] [--no-append]
+Run:  jaxnv bench overhead [--repeats 7] [--steps 200] [--quick] [--no-append]
 
 Step level: both steps train the same MLP with adamw, fp32, the same device-resident batch, both
 jitted with the state donated. jaxnv's contender is what its loop calls: the jitted step behind
 the per-call batch check. Loop level: `jaxnv.train` (batches gathered and copied to the device by
 grain threads, metrics fetched every `log_every` steps) against the same jitted step called in a
 bare Python loop on one resident batch. Contenders run interleaved in one process; medians of
-`repeats`; ratios last. Appends a row per case to benchmarks/RESULTS.md unless --no-append.
+`repeats`; ratios last. Appends a row per case to benchmarks/RESULTS.md unless --no-append. The
+transformer case of the same comparison is in benchmarks/transformer.py (column "/ plain JAX").
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import os
-import platform
 import statistics
 import time
 
@@ -23,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _common import parser, report
 
 from jaxnv import apply_overrides
 from jaxnv.experiment import load_experiment
@@ -38,7 +36,6 @@ CASES = {  # name: (in, hidden widths, out, batch)
     "mlp 10-5-1, batch 16": (10, (5,), 1, 16),
     "mlp 256-1024-1024-10, batch 256": (256, (1024, 1024), 10, 256),
 }
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 
 def plain_step_fn(tx):
@@ -137,32 +134,30 @@ def bench_loop(repeats, steps, features):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--no-append", action="store_true")
-    args = parser.parse_args()
-    machine = f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind}"
+    p = parser(__doc__)
+    p.add_argument("--steps", type=int, default=200, help="steps per timed round")
+    args = p.parse_args()
+    cases, loop_cases, steps = CASES, LOOP_CASES, args.steps
+    if args.quick:
+        cases = {k: v for k, v in CASES.items() if "10-5-1" in k}
+        loop_cases = dict(list(LOOP_CASES.items())[:1])
+        steps, args.repeats = 60, 2
     rows = []
-    print(f"machine: {machine}, jax {jax.__version__}")
-    print(f"{'case':40} {'plain us':>10} {'jaxnv us':>10} {'jaxnv/plain':>12}")
-    for name, spec in CASES.items():
-        med = bench_step(spec, args.repeats, args.steps)
-        p, j = med["plain"] * 1e6, med["jaxnv"] * 1e6
-        rows.append(f"| step: {name} | {p:.1f} us | {j:.1f} us | {j / p:.3f} |")
-        print(f"{name:40} {p:10.1f} {j:10.1f} {j / p:12.3f}")
-    for name, features in LOOP_CASES.items():
-        loop, bare = bench_loop(max(2, args.repeats // 2), 2 * args.steps, features)
+    for name, spec in cases.items():
+        med = bench_step(spec, args.repeats, steps)
+        p_us, j_us = med["plain"] * 1e6, med["jaxnv"] * 1e6
+        rows.append((f"step: {name}", f"{p_us:.1f} us", f"{j_us:.1f} us", f"{j_us / p_us:.3f}"))
+    for name, features in loop_cases.items():
+        loop, bare = bench_loop(max(2, args.repeats // 2), 2 * steps, features)
         rows.append(
-            f"| loop: {name} | {bare:.0f} steps/s (bare) | {loop:.0f} steps/s (loop) | "
-            f"{loop / bare:.3f} (loop/bare) |"
+            (
+                f"loop: {name}",
+                f"{bare:.0f} steps/s (bare)",
+                f"{loop:.0f} steps/s (loop)",
+                f"{loop / bare:.3f} (loop/bare)",
+            )
         )
-        print(f"{'loop/bare steps/s: ' + name:40} {bare:10.0f} {loop:10.0f} {loop / bare:12.3f}")
-    if not args.no_append:
-        with open(RESULTS, "a", encoding="utf-8") as f:
-            f.write(f"\n### overhead.py, {datetime.date.today()}, {machine}\n\n")
-            f.write("| case | reference | jaxnv | ratio |\n| --- | --- | --- | --- |\n")
-            f.write("\n".join(rows) + "\n")
+    report("overhead.py", ("case", "reference", "jaxnv", "ratio"), rows, args)
 
 
 if __name__ == "__main__":
