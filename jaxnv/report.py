@@ -197,11 +197,16 @@ def collectives(hlo_text: str, devices: int | None = None) -> list[Collective]:
             sizes = sizes[len(sizes) // 2 :]
         sliced = 0
         if kind == "all-reduce" and not started:
-            if result.startswith("("):  # a tuple: each element is read by a get-tuple-element
+            if result.startswith("("):  # a tuple: each element is read by get-tuple-elements
+                readers: dict[int, bool] = {}
                 for u in users.get(name, []):
                     index = re.search(r"index=(\d+)", ops[u][3])
-                    if ops[u][1] == "get-tuple-element" and index and _only_sliced(u, ops, users):
-                        sliced += sizes[int(index.group(1))]
+                    if ops[u][1] != "get-tuple-element" or index is None:
+                        readers = {}  # the tuple itself is used: nothing is only sliced
+                        break
+                    i = int(index.group(1))
+                    readers[i] = readers.get(i, True) and _only_sliced(u, ops, users)
+                sliced = sum(sizes[i] for i, only in readers.items() if only)
             elif _only_sliced(name, ops, users):
                 sliced = sum(sizes)
         where = re.search(r'op_name="([^"]*)"', line)
