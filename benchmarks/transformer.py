@@ -60,14 +60,15 @@ def plain_loss(params, batch, act):
         p = params["blocks"][i]
         h = rms_norm(x, p["attn_norm"]["scale"])
         a = p["attn"]
-        q = rope(jnp.einsum("btd,dnh->btnh", h, a["wq"]))
-        k = rope(jnp.einsum("btd,dnh->btnh", h, a["wk"]))
-        v = jnp.einsum("btd,dnh->btnh", h, a["wv"])
+        wq, wk, wv = a["wqkv"][:, 0], a["wqkv"][:, 1], a["wqkv"][:, 2]  # (D, N, H) each
+        q = rope(jnp.einsum("btd,dnh->btnh", h, wq))
+        k = rope(jnp.einsum("btd,dnh->btnh", h, wk))
+        v = jnp.einsum("btd,dnh->btnh", h, wv)
         y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         x = x + jnp.einsum("btnh,nhd->btd", y, a["wo"])
         h = rms_norm(x, p["mlp_norm"]["scale"])
         m = p["mlp"]
-        g = act(h @ m["w_gate"]) * (h @ m["w_up"])
+        g = act(h @ m["w_gate_up"][:, 0]) * (h @ m["w_gate_up"][:, 1])
         x = x + g @ m["w_down"]
     x = rms_norm(x, params["final_norm"]["scale"])
     logits = x @ params["embedding"].T  # (B, T, V)
@@ -107,11 +108,11 @@ def make_torch(params, batch, act_name, compile_it):
             for i in range(len(params["blocks"])):
                 p, blk = params["blocks"][i], torch.nn.Module()
                 blk.n1, blk.n2 = to_t(p["attn_norm"]["scale"]), to_t(p["mlp_norm"]["scale"])
-                N, H = p["attn"]["wq"].shape[1:]
-                qkv = [np.reshape(p["attn"][w], (D, N * H)) for w in ("wq", "wk", "wv")]
-                blk.wqkv = to_t(np.concatenate(qkv, axis=1))  # (D, 3NH)
+                N, H = p["attn"]["wqkv"].shape[2:]
+                blk.wqkv = to_t(np.reshape(p["attn"]["wqkv"], (D, 3 * N * H)))  # (D, 3NH)
                 blk.wo = to_t(np.reshape(p["attn"]["wo"], (N * H, D)))
-                blk.wg, blk.wu = to_t(p["mlp"]["w_gate"]), to_t(p["mlp"]["w_up"])
+                blk.wg = to_t(p["mlp"]["w_gate_up"][:, 0])
+                blk.wu = to_t(p["mlp"]["w_gate_up"][:, 1])
                 blk.wd = to_t(p["mlp"]["w_down"])
                 blk.heads = N
                 self.blocks.append(blk)

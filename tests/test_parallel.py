@@ -116,9 +116,11 @@ def test_golden_transformer_tp_table():
     template = abstract_state(model_fn, tx, policy, jax.random.PRNGKey(0))
     mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=4))
     table = {p: s for p, _, _, s in make_plan(abstract_model(model_fn), template, mesh, "tp").table}
-    wq = next(k for k in table if k.endswith("wq"))
+    wqkv = next(k for k in table if k.endswith("wqkv"))
     wo = next(k for k in table if k.endswith("wo"))
-    assert table[wq] == P(None, "tensor", None)  # heads split: column-parallel
+    gate_up = next(k for k in table if k.endswith("w_gate_up"))
+    assert table[wqkv] == P(None, None, "tensor", None)  # heads split: column-parallel
+    assert table[gate_up] == P(None, None, "tensor")  # mlp split: column-parallel
     assert table[wo] == P("tensor", None, None)  # row-parallel back to embed
     emb = next(k for k in table if "embed" in k and table[k] != P(None))
     assert table[emb][0] == "tensor"  # vocabulary (padded to 128) split over tensor
