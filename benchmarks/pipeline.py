@@ -12,11 +12,14 @@ of `jaxnv.train.train`, built once; a fresh copy of the initial state each round
 - `resident`: the same loop, with `iterate` replaced by a list of the same batches placed on the
   device before the round starts: no host work for the input at all.
 
-Steps/s are the loop's own logged windows (`steps_per_sec`), the first window of each round
-(start-up, first step) dropped. `loop/resident` is the share of the input-free rate the loop
-keeps; target >= 0.97. `pipeline alone` drains `StepBatches.iterate` (gather and device copy,
-nothing else running) and reports batches/s over the steps/s the resident loop consumes;
-target >= 10. Medians over `--repeats` rounds; the load average is recorded with the table.
+Steps/s are taken between the first and the last logged window of each round (start-up and
+first step left out). `loop/resident` is the share of the input-free rate the loop keeps;
+target >= 0.97. `CPU per step` is the process's CPU time (all threads: loop, grain, XLA) per
+step over the same steps; its ratio resident/pipeline is what loop/resident would be if the
+step kept every core busy, and unlike wall time it hardly moves when other processes load the
+machine. `pipeline alone` drains `StepBatches.iterate` (gather and device copy, nothing else
+running) and reports batches/s over the steps/s the resident loop consumes; target >= 10.
+Medians over `--repeats` rounds; the load average is recorded with the table.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from jaxnv import apply_overrides
 from jaxnv.data import StepBatches
 from jaxnv.experiment import load_experiment
 from jaxnv.parallel import put_batch
-from jaxnv.train import _train, build
+from jaxnv.train import Callback, _train, build
 
 CASES = {  # name: (model.features, steps per round, log_every)
     "mlp 2-256-256-1 (~1 ms step)": ("256,256", 400, 50),
@@ -72,13 +75,33 @@ def setup(features: str, steps: int, log_every: int):
     return exp, build(exp, jax.devices()[:1])
 
 
-def loop_rate(exp, run) -> float:
-    """Median steps/s of the loop's logged windows after the first, from a fresh initial state."""
+class Clock(Callback):
+    """Wall and process CPU time at each logged train window."""
+
+    def __init__(self):
+        self.marks = []
+
+    def on_log(self, step, split, scalars, state):
+        if split == "train":
+            self.marks.append((step, time.perf_counter(), time.process_time()))
+
+
+CPU_US: dict[str, list[float]] = {}  # contender: CPU us per step of each round (all threads)
+
+
+def loop_rate(exp, run, name: str) -> float:
+    """Steps/s of the loop between its first and last logged window, from a fresh state.
+
+    The first window (start-up, first step) is left out. Also records the process's CPU time per
+    step over the same steps (all threads: loop, grain, XLA) in `CPU_US[name]`.
+    """
     state = jax.tree.map(lambda x: x.copy(), run.state)  # the loop donates its state
+    clock = Clock()
     with jax.set_mesh(run.plan.mesh):
-        result = _train(exp, dataclasses.replace(run, state=state), None, [])
-    rows = [h["steps_per_sec"] for h in result.history if h["split"] == "train"][1:]
-    return statistics.median(rows)
+        _train(exp, dataclasses.replace(run, state=state), None, [clock])
+    (s0, t0, c0), (s1, t1, c1) = clock.marks[0], clock.marks[-1]
+    CPU_US.setdefault(name, []).append((c1 - c0) / (s1 - s0) * 1e6)
+    return (s1 - s0) / (t1 - t0)
 
 
 def pipeline_rate(run, steps: int) -> float:
@@ -100,8 +123,8 @@ def main():
         resident = dataclasses.replace(run, batches=ResidentBatches(run.batches, placed))
         rates = interleave(
             {
-                "pipeline": lambda exp=exp, run=run: loop_rate(exp, run),
-                "resident": lambda exp=exp, run=resident: loop_rate(exp, run),
+                "pipeline": lambda exp=exp, run=run: loop_rate(exp, run, "pipeline"),
+                "resident": lambda exp=exp, run=resident: loop_rate(exp, run, "resident"),
                 "alone": lambda run=run, n=steps * 4: pipeline_rate(run, n),
             },
             repeats=args.repeats,
@@ -115,6 +138,18 @@ def main():
                 f"{loop / ref:.3f}",
                 ">= 0.97",
                 "yes" if loop / ref >= 0.97 else "no",
+            )
+        )
+        cpu = {k: statistics.median(v[1:] or v) for k, v in CPU_US.items()}  # warm-up dropped
+        CPU_US.clear()
+        rows.append(
+            (
+                f"CPU per step, all threads: {name}",
+                f"{cpu['resident']:.0f} us",
+                f"{cpu['pipeline']:.0f} us",
+                f"{cpu['resident'] / cpu['pipeline']:.3f}",
+                "(info)",
+                "-",
             )
         )
         rows.append(

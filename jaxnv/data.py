@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 
 from jaxnv.config import DataConfig
@@ -329,6 +331,16 @@ class StepBatches:
         rows = self._gather(idx)  # (k * per, ...); each step's batch is a contiguous view
         return [{key: v[i * per : (i + 1) * per] for key, v in rows.items()} for i in range(k)]
 
+    def _local_stack(self, start: int, stop: int) -> Arrays:
+        """The batches of `_local_run(start, stop)` stacked on a last axis: `(per, ..., k)`."""
+        b, k = self.batch_size, stop - start
+        per = b // self.process_count
+        idx = self._positions(start * b, stop * b).reshape(k, b)
+        idx = idx[:, self.process_index * per : (self.process_index + 1) * per]
+        return {
+            key: np.moveaxis(np.take(v, idx.T, axis=0), 1, -1) for key, v in self.arrays.items()
+        }
+
     def _steps_per_chunk(self) -> int:
         per = self.batch_size // self.process_count
         row = sum(v[:1].nbytes for v in self.arrays.values())
@@ -339,22 +351,50 @@ class StepBatches:
         background threads (grain) while the device runs earlier steps.
 
         `put` (e.g. a host-to-device copy) runs in those threads too. It must map a pytree of
-        host arrays to the same pytree placed (`jax.device_put`, `parallel.put_batch`): it is
-        applied to a list of consecutive batches at once, so that its per-call cost is shared.
+        host arrays, batch axis first, to the same pytree placed (`jax.device_put`,
+        `parallel.put_batch`); it may be given several batches at once (a list, or the batches
+        stacked on a last axis, which the threads then split on the device), so that its
+        per-call cost is shared.
         """
         if stop <= start:
             return iter(())
         k = min(self._steps_per_chunk(), stop - start)
+        stacked = put is not None and k > 1 and jax.process_count() == 1
 
         def chunk(first: int) -> list:
-            run = self._local_run(first, min(first + k, stop))
-            return run if put is None else list(put(run))
+            last = min(first + k, stop)
+            if put is None:
+                return self._local_run(first, last)
+            if stacked and last - first == k:  # one copy per array, split on the device
+                return _split_last_axis(put(self._local_stack(first, last)), k)
+            return list(put(self._local_run(first, last)))
 
         chunks = grain.MapDataset.range(start, stop, k).map(chunk)
         if prefetch > 0:
             options = grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)
             chunks = chunks.to_iter_dataset(options)
         return (batch for run in iter(chunks) for batch in run)
+
+
+@functools.lru_cache(maxsize=32)
+def _splitter(k: int, shardings: tuple) -> Any:
+    """A compiled `leaves -> [[leaf[..., i] for leaf in leaves] for i in range(k)]`; each slice
+    keeps its stack's sharding (the stacked axis is last, so no device gives up any rows)."""
+
+    def split(leaves):
+        return [[x[..., i] for x in leaves] for i in range(k)]
+
+    return jax.jit(split, out_shardings=[list(shardings)] * k)
+
+
+def _split_last_axis(tree, k: int) -> list:
+    """`[tree[..., i] for i in range(k)]`, in one device computation for placed arrays."""
+    leaves, treedef = jax.tree.flatten(tree)
+    if all(isinstance(x, jax.Array) for x in leaves):
+        parts = _splitter(k, tuple(x.sharding for x in leaves))(leaves)
+    else:
+        parts = [[x[..., i] for x in leaves] for i in range(k)]
+    return [jax.tree.unflatten(treedef, p) for p in parts]
 
 
 def eval_batches(arrays: Arrays, batch_size: int) -> Iterator[tuple[Arrays, int]]:

@@ -1,5 +1,6 @@
 """Built-in data sets against their generating process, step-indexed batching, npz loading."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -314,9 +315,10 @@ def test_batch_order_matches_the_reference(n, batch):
 
 @pytest.mark.parametrize("processes", [1, 2])
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
-def test_chunked_iteration_yields_each_steps_batch(processes, prefetch):
+@pytest.mark.parametrize("placement", ["none", "numpy", "device"])
+def test_chunked_iteration_yields_each_steps_batch(processes, prefetch, placement):
     """`iterate` prepares several steps at a time; every batch is still `local(step)`."""
-    data = _indexed(23)  # batches straddle epochs at varying offsets
+    data = {"x": np.arange(23), "y": 10 * np.arange(23), "z": np.arange(46.0).reshape(23, 2)}
     for start, stop in [(0, 1), (0, 10), (3, 17), (16, 33), (5, 6)]:
         for index in range(processes):
             batches = StepBatches(data, 6, seed=2, process_index=index, process_count=processes)
@@ -324,17 +326,42 @@ def test_chunked_iteration_yields_each_steps_batch(processes, prefetch):
             calls = []
 
             def put(tree, calls=calls):
-                calls.append(len(tree))
-                return [{k: v + 0 for k, v in b.items()} for b in tree]
+                calls.append(1)
+                if placement == "device":
+                    return jax.device_put(tree)
+                return jax.tree.map(lambda v: v + 0, tree)
 
-            got = list(batches.iterate(start, stop, prefetch=prefetch, put=put))
-            assert len(got) == stop - start
-            assert sorted(calls, reverse=True) == [4] * ((stop - start) // 4) + (
-                [(stop - start) % 4] if (stop - start) % 4 else []
+            got = list(
+                batches.iterate(
+                    start, stop, prefetch=prefetch, put=None if placement == "none" else put
+                )
             )
+            assert len(got) == stop - start
+            if placement != "none":
+                assert len(calls) == -(-(stop - start) // 4)  # once a chunk
             for step, b in enumerate(got, start):
-                np.testing.assert_array_equal(b["x"], batches.local(step)["x"])
-                np.testing.assert_array_equal(b["y"], 10 * b["x"])
+                want = batches.local(step)
+                assert set(b) == set(want)
+                for key in want:
+                    assert b[key].shape == want[key].shape
+                    np.testing.assert_array_equal(np.asarray(b[key]), want[key])
+                    if placement == "device":
+                        assert isinstance(b[key], jax.Array)
+
+
+def test_batches_split_on_the_device_keep_the_batch_sharding():
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    sharding = NamedSharding(mesh, P("data"))
+    data = {"x": np.arange(200.0).reshape(100, 2), "y": np.arange(100)}
+    batches = StepBatches(data, 16, seed=0)
+    got = list(batches.iterate(0, 40, put=lambda t: jax.device_put(t, sharding)))
+    for step, b in enumerate(got):
+        for key, want in batches.local(step).items():
+            assert b[key].sharding == sharding
+            np.testing.assert_array_equal(np.asarray(b[key]), want)
 
 
 def test_big_batches_are_prepared_one_step_at_a_time():
