@@ -1,6 +1,7 @@
 """A small GPT's train step: jaxnv vs hand-written JAX + optax vs PyTorch (eager, compiled); MFU.
 
 Run:  jaxnv bench transformer [--sizes 4x256,4x512] [--repeats 5] [--compile] [--no-append]
+      jaxnv bench transformer --profile 30 --sizes 4x256    # where jaxnv's step spends its time
 
 The same decoder-only model in all three (RMSNorm pre-norm blocks, RoPE, causal softmax
 attention, gated MLP, tied embeddings, vocabulary 128, sequence 128, batch 16, fp32, AdamW at a
@@ -27,7 +28,7 @@ from jaxnv.models import Transformer
 from jaxnv.models.transformer import flops_per_token
 from jaxnv.optim import OptimizerConfig, make_optimizer
 from jaxnv.precision import get_policy
-from jaxnv.profiling import step_flops
+from jaxnv.profiling import op_profile, step_flops
 from jaxnv.state import init_state
 from jaxnv.step import batch_spec_of, make_train_step
 from jaxnv.tasks import softmax_ce_loss
@@ -269,6 +270,25 @@ def bench_size(layers, width, batch_size, seq, act, repeats, steps, compile_it, 
     return times, peaks, flops_hlo, flops_formula
 
 
+def print_profile(layers, width, batch_size, seq, act, top):
+    """The `top` most expensive XLA ops (and op kinds) of jaxnv's step, in ms per step."""
+    policy = get_policy("fp32")
+    tx = make_optimizer(OptimizerConfig(name="adamw", learning_rate=LR, schedule="constant"), 10)
+    model_fn = lambda r: Transformer(  # noqa: E731
+        VOCAB, num_layers=layers, num_heads=max(1, width // 64), embed_dim=width,
+        max_seq_len=seq, activation=act, policy=policy, rngs=r,
+    )  # fmt: skip
+    graphdef, state = init_state(model_fn, tx, policy, jax.random.key(0))
+    tokens = jnp.zeros((batch_size, seq), jnp.int32)
+    batch = {"x": tokens, "y": tokens}
+    step = make_train_step(graphdef, softmax_ce_loss, tx, policy)
+    rows = op_profile(step.fn, state, batch, steps=3, top=top, carry=True)
+    total = sum(ms for name, ms, _ in rows if name.startswith("[category]"))
+    print(f"\nper-op profile of jaxnv's step, {layers}x{width} {act}: {total:.1f} ms in ops")
+    for name, ms, what in rows:
+        print(f"{ms:9.2f} ms {ms / total:6.1%}  {name:36} {what[:100]}")
+
+
 def nnx_loss(graphdef, state, batch, policy):
     from flax import nnx
 
@@ -285,10 +305,14 @@ def main():
     p.add_argument("--steps", type=int, default=2, help="steps per timed round")
     p.add_argument("--activation", default="silu", choices=("silu", "gelu", "relu", "relu2"))
     p.add_argument("--compile", action="store_true", help="add torch.compile (slow to compile)")
+    p.add_argument("--profile", type=int, default=0, metavar="TOP", help="print the TOP ops")
     args = p.parse_args()
     sizes, batch, seq, steps, peak_n = args.sizes, args.batch, args.seq, args.steps, 2048
     if args.quick:
         sizes, batch, seq, steps, peak_n, args.repeats = "1x64", 2, 32, 1, 256, 1
+    if args.profile:
+        layers, width = parse_size(sizes.split(",")[0])
+        print_profile(layers, width, batch, seq, args.activation, args.profile)
     rows = []
     for size in sizes.split(","):
         layers, width = parse_size(size)

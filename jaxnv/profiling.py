@@ -83,3 +83,72 @@ class ProfileWindow:
         if self.active:
             jax.profiler.stop_trace()
             self.active = False
+
+
+def _trace_events(logdir: str) -> list[dict]:
+    import glob
+    import gzip
+    import json
+
+    files = sorted(glob.glob(f"{logdir}/**/*.trace.json.gz", recursive=True))
+    if not files:
+        return []
+    with gzip.open(files[-1], "rt", encoding="utf-8") as f:
+        data = json.load(f)
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def _hlo_ops(hlo_text: str) -> dict[str, str]:
+    """instruction name -> 'shape  op_name' from a compiled module's text."""
+    import re
+
+    ops = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+) ", line)
+        if m:
+            source = re.search(r'op_name="([^"]*)"', line)
+            ops[m.group(1)] = f"{m.group(2)}  {source.group(1) if source else ''}".strip()
+    return ops
+
+
+def op_profile(
+    jitted, *args, steps: int = 3, top: int = 25, carry: bool = False
+) -> list[tuple[str, float, str]]:
+    """Where one call of `jitted(*args)` spends its time, by XLA op: `[(op, ms per call, what)]`.
+
+    Runs `steps` calls under `jax.profiler.trace` and sums each compiled op's (fusion's,
+    library call's) durations; `what` is the op's shape and the JAX source it came from. A
+    `"[category] ..."` row per op kind (fusion names without their number) comes first. On the
+    CPU, XLA emits per-op events only with XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true set
+    before JAX starts; without it the list is empty. With `carry`, each call's first output
+    becomes the next call's first argument (a train step that donates its state).
+
+        rows = op_profile(train_step.fn, state, batch, carry=True)
+    """
+    import collections
+    import re
+    import tempfile
+
+    compiled = jitted.lower(*args).compile()
+    names = _hlo_ops(compiled.as_text())
+
+    def call(args):
+        out = compiled(*args)
+        return out, ((out[0], *args[1:]) if carry else args)
+
+    out, args = call(args)  # warm up outside the trace
+    jax.block_until_ready(out)
+    with tempfile.TemporaryDirectory() as logdir:
+        with jax.profiler.trace(logdir, create_perfetto_trace=True):
+            for _ in range(steps):
+                out, args = call(args)
+            jax.block_until_ready(out)
+        events = _trace_events(logdir)
+    per_op, per_kind = collections.Counter(), collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") == "X" and name in names:
+            per_op[name] += e.get("dur", 0) / 1e3 / steps
+            per_kind[re.sub(r"\.\d+$", "", name)] += e.get("dur", 0) / 1e3 / steps
+    rows = [(f"[category] {k}", ms, "") for k, ms in per_kind.most_common(top)]
+    return rows + [(k, ms, names[k]) for k, ms in per_op.most_common(top)]
