@@ -148,7 +148,7 @@ def main():
                 f"{cpu['resident']:.0f} us",
                 f"{cpu['pipeline']:.0f} us",
                 f"{cpu['resident'] / cpu['pipeline']:.3f}",
-                "(info)",
+                "-",
                 "-",
             )
         )
