@@ -4,8 +4,9 @@ Run:  .venv/bin/python benchmarks/pipeline.py [--repeats 9] [--quick] [--no-appe
       (or `jaxnv bench pipeline ...`)
 
 Two MLPs on `binary_classification` (batch 256, adamw, fp32): a ~1 ms step (2-256-256-1) and a
-~10 ms step (2-1024-1024-1). For each, interleaved rounds of the same jaxnv loop (the loop body
-of `jaxnv.train.train`, built once; a fresh copy of the initial state each round):
+~10 ms step (2-1024-1024-1). For each, interleaved rounds of the same jaxnv loop
+(`jaxnv.train._train`, what `train()` runs after `build()`; built once so that rounds do not
+compile again, a fresh copy of the initial state each round):
 
 - `pipeline`: the real feed, `StepBatches.iterate(put=put_batch)`, batches gathered and copied
   to the device by grain's background threads;
@@ -16,7 +17,7 @@ Steps/s are taken between the first and the last logged window of each round (st
 first step left out). `loop/resident` is the share of the input-free rate the loop keeps;
 target >= 0.97. `CPU per step` is the process's CPU time (all threads: loop, grain, XLA) per
 step over the same steps; its ratio resident/pipeline is what loop/resident would be if the
-step kept every core busy, and unlike wall time it hardly moves when other processes load the
+step kept every core busy; it moves less than wall time when other processes load the
 machine. `pipeline alone` drains `StepBatches.iterate` (gather and device copy, nothing else
 running) and reports batches/s over the steps/s the resident loop consumes; target >= 10.
 Medians over `--repeats` rounds; the load average is recorded with the table.
