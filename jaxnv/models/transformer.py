@@ -124,7 +124,8 @@ class Attention(nnx.Module):
         """x (B, T, D) at positions (T,) -> ((B, T, D), cache); `cache` None means no cache."""
         dtype = self.policy.compute_dtype
         qkv = jnp.einsum("btd,dcnh->btcnh", x, self.wqkv[...].astype(dtype))  # (B, T, 3, N, H)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, T, N, H) each
+        # a split (whose gradient is one concatenation), not three slices (three padded copies)
+        q, k, v = (t[:, :, 0] for t in jnp.split(qkv, 3, axis=2))  # (B, T, N, H) each
         q = apply_rope(q, positions, self.rope_theta)
         k = apply_rope(k, positions, self.rope_theta)
         if cache is None:
@@ -156,7 +157,8 @@ class GatedMLP(nnx.Module):
     def __call__(self, x):
         dtype = self.policy.compute_dtype
         gate_up = jnp.einsum("btd,dcf->btcf", x, self.w_gate_up[...].astype(dtype))  # (B,T,2,F)
-        hidden = self.act(gate_up[:, :, 0]) * gate_up[:, :, 1]  # (B, T, F)
+        gate, up = (t[:, :, 0] for t in jnp.split(gate_up, 2, axis=2))  # (B, T, F) each
+        hidden = self.act(gate) * up  # (B, T, F)
         return jnp.einsum("btf,fd->btd", hidden, self.w_down[...].astype(dtype))
 
 
