@@ -48,17 +48,22 @@ def runs():
     return {remat: _run(remat) for remat in SETTINGS}
 
 
-def _remat_policies(jaxpr):
-    """The `policy` of every remat equation in a jaxpr, nested ones included."""
+def _params_of(jaxpr, names):
+    """(primitive name, params) of every equation named in `names`, nested ones included."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name in ("remat2", "checkpoint"):
-            yield eqn.params["policy"]
+        if eqn.primitive.name in names:
+            yield eqn.primitive.name, eqn.params
         for param in eqn.params.values():
             for sub in param if isinstance(param, (list, tuple)) else [param]:
                 if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    yield from _remat_policies(sub.jaxpr)
+                    yield from _params_of(sub.jaxpr, names)
                 elif isinstance(sub, jax.extend.core.Jaxpr):
-                    yield from _remat_policies(sub)
+                    yield from _params_of(sub, names)
+
+
+def _remat_policies(jaxpr):
+    """The `policy` of every remat equation in a jaxpr, nested ones included."""
+    return [params["policy"] for _, params in _params_of(jaxpr, ("remat2", "checkpoint"))]
 
 
 def test_the_config_key_reaches_every_block(runs):
@@ -74,8 +79,10 @@ def test_the_config_key_reaches_every_block(runs):
         if remat == "none":
             assert policies == []
         else:
-            # at least one remat per block (2 layers), every one with the setting's policy
-            assert len(policies) >= 2 and all(p is expected[remat] for p in policies)
+            # the blocks run as one scan of 2 (layers) over a remat with the setting's policy
+            assert policies and all(p is expected[remat] for p in policies)
+            lengths = [params["length"] for _, params in _params_of(jaxpr.jaxpr, ("scan",))]
+            assert 2 in lengths, lengths
 
 
 def test_remat_keeps_fewer_residuals(runs):
