@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxnv.precision import Policy, all_finite
+from jaxnv.precision import Policy
 from jaxnv.state import TrainState
 
 Batch = Any
@@ -144,8 +144,15 @@ def schedule_count(opt_state, default: jax.Array) -> jax.Array:
 
 def apply_update(tx, state: TrainState, grads, loss, aux, model_state, learning_rate_fn=None):
     """The optimizer update of a train step, skipped bit-identically on non-finite `grads`;
-    returns `(new_state, metrics)`. Shared by the jit-sharding and shard_map steps."""
-    finite = all_finite(grads)
+    returns `(new_state, metrics)`. Shared by the jit-sharding and shard_map steps.
+
+    One reduction gives both the grad norm and the finite check: the sum of squares is finite
+    exactly when every gradient is, except for a norm above ~1.8e19, whose square overflows
+    float32 and which is treated as non-finite too (no float32 update survives it). A separate
+    `all_finite` pass had cost about 4 % of a 1.3M-param MLP's step.
+    """
+    sum_sq = optax.tree.norm(grads, squared=True)
+    finite = jnp.isfinite(sum_sq)
 
     def apply(_):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -165,7 +172,7 @@ def apply_update(tx, state: TrainState, grads, loss, aux, model_state, learning_
     )
     metrics = {
         "loss": loss,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": jnp.sqrt(sum_sq),
         "loss_scale": jnp.asarray(state.loss_scale.loss_scale, jnp.float32),
         "grads_finite": finite,
         **aux,

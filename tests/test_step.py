@@ -225,6 +225,23 @@ def test_nan_gradients_skipped_in_fp32_too():
         np.testing.assert_array_equal(a, b)
 
 
+def test_grad_norm_matches_optax_and_an_overflowing_norm_counts_as_non_finite():
+    _, state, step = _setup(OptimizerConfig(name="sgd", learning_rate=0.1))
+    batch = _batches(1)[0]
+    params = jax.device_get(state.params)
+    grads = jax.grad(lambda p: _reference_loss(_pure(p), batch))(params)
+    state, metrics = step(state, batch)
+    assert bool(metrics["grads_finite"])
+    np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(grads), rtol=1e-5)
+    # finite targets whose error is ~1e20: every gradient finite, their squares overflow
+    huge = dict(batch, y=np.full_like(batch["y"], 1e20))
+    before = jax.device_get(state.params)
+    state, metrics = step(state, huge)
+    assert not bool(metrics["grads_finite"])
+    for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_metrics_report_learning_rate_and_loss_scale():
     opt_cfg = OptimizerConfig(name="sgd", learning_rate=0.1, schedule="linear", warmup_steps=2)
     _, state, step = _setup(opt_cfg, total=4)
