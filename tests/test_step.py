@@ -238,8 +238,7 @@ def test_grad_norm_matches_optax_and_an_overflowing_norm_counts_as_non_finite():
     before = jax.device_get(state.params)
     state, metrics = step(state, huge)
     assert not bool(metrics["grads_finite"])
-    for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(before)):
-        np.testing.assert_array_equal(a, b)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
 
 
 def test_metrics_report_learning_rate_and_loss_scale():
