@@ -6,7 +6,9 @@ Run:  jaxnv bench transformer [--sizes 4x256,4x512] [--repeats 5] [--compile] [-
 The same decoder-only model in all three (RMSNorm pre-norm blocks, RoPE, causal softmax
 attention, gated MLP, tied embeddings, vocabulary 128, sequence 128, batch 16, fp32, AdamW at a
 constant rate), started from the same weights: the hand-written JAX and PyTorch models are loaded
-with jaxnv's initial params and must reproduce its first loss (checked, to 1e-4). Columns:
+with jaxnv's initial params and must reproduce its first loss (checked, to 1e-4). PyTorch runs
+in a paired process, interleaved round by round (in one process the two runtimes' thread pools
+slow each other down several times). Columns:
 step time (median over `repeats` interleaved rounds), tokens/s, speed relative to PyTorch eager,
 and MFU: model FLOPs per step over step time over the peak matmul FLOP/s of the same framework
 (a 2048 x 2048 fp32 matmul timed in the same run). Model FLOPs come from XLA's cost analysis of
@@ -16,6 +18,8 @@ jaxnv's step and are cross-checked against the 6N + 12LTD formula.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 
 import jax
@@ -246,28 +250,111 @@ def bench_size(layers, width, batch_size, seq, act, repeats, steps, compile_it, 
     contenders = {"jaxnv": run_jaxnv, "plain JAX": run_plain}
     torch_runs = {"torch eager": False, **({"torch.compile": True} if compile_it else {})}
     peaks = {"xla": xla_peak(peak_n)}
+    workers = []
     for name, comp in torch_runs.items():
-        made = make_torch(params, batch, act, comp)
-        if made is None:
+        worker = TorchWorker(params, batch, act, comp, peak_n)
+        if worker.first is None:
             break
-        torch_step, first[name] = made
-
-        def run_torch(torch_step=torch_step):
-            start = time.perf_counter()
-            for _ in range(steps):
-                torch_step()
-            return (time.perf_counter() - start) / steps
-
-        contenders[name] = run_torch
-        peaks["torch"] = torch_peak(peak_n)
+        workers.append(worker)
+        first[name] = worker.first
+        contenders[name] = lambda worker=worker: worker.run(steps)
+        peaks["torch"] = worker.peak()
     for name, value in first.items():
         if not math.isclose(value, first["jaxnv"], rel_tol=1e-4):
             raise AssertionError(f"{name} starts at loss {value}, jaxnv at {first['jaxnv']}")
-    times = interleave(contenders, repeats)
+    # a short untimed pause before each round: the other runtime's worker threads may still be
+    # spinning (waiting for work) just after its round, and would steal the first part of it
+    settle = {k: (lambda fn=fn: (time.sleep(0.3), fn())[1]) for k, fn in contenders.items()}
+    times = interleave(settle, repeats)
     peaks["xla"] = max(peaks["xla"], xla_peak(peak_n))  # best of before and after, same run
-    if "torch" in peaks:
-        peaks["torch"] = max(peaks["torch"], torch_peak(peak_n))
+    for worker in workers:
+        peaks["torch"] = max(peaks["torch"], worker.peak())
+        worker.close()
     return times, peaks, flops_hlo, flops_formula
+
+
+class TorchWorker:
+    """The PyTorch contender in a paired process, driven round by round over a pipe.
+
+    In one process, XLA's and PyTorch's thread pools fight over the cores (measured: both
+    steps several times slower than alone), so PyTorch runs next door and waits, blocked on
+    its pipe, while JAX runs. `first` is None when torch is not installed.
+    """
+
+    def __init__(self, params, batch, act, compile_it, peak_n):
+        import subprocess
+        import tempfile
+
+        self.dir = tempfile.TemporaryDirectory()
+        path = os.path.join(self.dir.name, "model.npz")
+        flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in _leaves(params)}
+        np.savez(path, **flat, tokens_x=np.asarray(batch["x"]), tokens_y=np.asarray(batch["y"]))
+        cmd = [sys.executable, os.path.abspath(__file__), "--torch-worker", path, act]
+        cmd += ["1" if compile_it else "0", str(peak_n)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        reply = self.proc.stdout.readline().strip()
+        if not reply:
+            raise RuntimeError(f"the PyTorch worker failed to start (exit {self.proc.wait()})")
+        self.first = None if reply == "no-torch" else float(reply)
+
+    def _ask(self, line: str) -> float:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def run(self, steps: int) -> float:
+        return self._ask(f"run {steps}")
+
+    def peak(self) -> float:
+        return self._ask("peak")
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+        self.dir.cleanup()
+
+
+def _leaves(params):
+    return jax.tree_util.tree_leaves_with_path(params)
+
+
+def torch_worker(path, act, compile_it, peak_n):
+    """The far side of `TorchWorker`: build the model, print its first loss, then serve."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("no-torch", flush=True)
+        return
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    batch = {"x": arrays.pop("tokens_x"), "y": arrays.pop("tokens_y")}
+    params = _unflatten(arrays)
+    step, first = make_torch(params, batch, act, compile_it == "1")
+    print(first, flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[0] == "run":
+            steps = int(cmd[1])
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            print((time.perf_counter() - start) / steps, flush=True)
+        elif cmd[0] == "peak":
+            print(torch_peak(int(peak_n)), flush=True)
+
+
+def _unflatten(flat):
+    """{"['blocks'][0]['attn']['wqkv']": array, ...} -> the nested dict (int keys for blocks)."""
+    import re
+
+    out = {}
+    for key, value in flat.items():
+        parts = [int(p) if p.isdigit() else p for p in re.findall(r"\['?([^\]']+)'?\]", key)]
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
 
 
 def print_profile(layers, width, batch_size, seq, act, top):
@@ -298,11 +385,13 @@ def nnx_loss(graphdef, state, batch, policy):
 
 
 def main():
+    if sys.argv[1:2] == ["--torch-worker"]:
+        return torch_worker(*sys.argv[2:6])
     p = parser(__doc__, repeats=5)
     p.add_argument("--sizes", default="4x256,4x512", help="LAYERSxWIDTH, comma-separated")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--steps", type=int, default=2, help="steps per timed round")
+    p.add_argument("--steps", type=int, default=3, help="steps per timed round")
     p.add_argument("--activation", default="silu", choices=("silu", "gelu", "relu", "relu2"))
     p.add_argument("--compile", action="store_true", help="add torch.compile (slow to compile)")
     p.add_argument("--profile", type=int, default=0, metavar="TOP", help="print the TOP ops")
