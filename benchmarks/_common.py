@@ -55,6 +55,17 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def time_steps(step, state, batch, steps: int):
+    """Run `state, out = step(state, batch)` `steps` times; (final state, seconds per step)."""
+    import jax
+
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, out = step(state, batch)
+    jax.block_until_ready((state, out))
+    return state, (time.perf_counter() - start) / steps
+
+
 def interleave(
     contenders: dict[str, Callable[[], float]], repeats: int, warmup: int = 1
 ) -> dict[str, float]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 
@@ -31,7 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from _common import interleave, parser, report  # noqa: E402
+from _common import interleave, parser, report, time_steps  # noqa: E402
 
 from jaxnv.models import Transformer  # noqa: E402
 from jaxnv.models.transformer import flops_per_token, num_params  # noqa: E402
@@ -81,14 +80,6 @@ def build_step(layers, width, seq, batch, policy_name, remat="none", vocab=VOCAB
             return None, "OOM"
         raise
     return (step, compiled, state, data), ""
-
-
-def time_steps(compiled, state, data, steps):
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = compiled(state, data)
-    jax.block_until_ready((state, metrics))
-    return state, (time.perf_counter() - start) / steps
 
 
 def overhead_rows(repeats, quick):

@@ -14,13 +14,12 @@ transformer case of the same comparison is in benchmarks/transformer.py (column 
 from __future__ import annotations
 
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _common import parser, report
+from _common import parser, report, time_steps
 
 from jaxnv import apply_overrides
 from jaxnv.experiment import load_experiment
@@ -59,14 +58,6 @@ def plain_step_fn(tx):
     return jax.jit(step, donate_argnums=0)
 
 
-def time_calls(fn, state, batch, steps):
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, out = fn(state, batch)
-    jax.block_until_ready((state, out))
-    return state, (time.perf_counter() - start) / steps
-
-
 def bench_step(spec, repeats, steps):
     """Median seconds per step: plain JAX + optax vs jaxnv's checked, AOT-compiled step."""
     d_in, hidden, d_out, bs = spec
@@ -94,7 +85,7 @@ def bench_step(spec, repeats, steps):
     times = {k: [] for k in contenders}
     for r in range(repeats + 1):
         for k, (fn, st) in contenders.items():
-            contenders[k][1], dt = time_calls(fn, st, batch, steps if r else 3)
+            contenders[k][1], dt = time_steps(fn, st, batch, steps if r else 3)
             if r:  # the first round compiles and warms up
                 times[k].append(dt)
     return {k: statistics.median(v) for k, v in times.items()}
@@ -126,7 +117,7 @@ def bench_loop(repeats, steps, features):
     for r in range(repeats + 1):
         result = train(exp, devices=jax.devices()[:1])
         rows = [h["steps_per_sec"] for h in result.history if h["split"] == "train"][1:]
-        state, dt = time_calls(bare_step, state, batch, steps)
+        state, dt = time_steps(bare_step, state, batch, steps)
         if r:
             loop.append(statistics.median(rows))
             bare.append(1.0 / dt)

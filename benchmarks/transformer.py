@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _common import interleave, parser, report
+from _common import interleave, parser, report, time_steps
 
 from jaxnv.models import Transformer
 from jaxnv.models.transformer import flops_per_token
@@ -226,23 +226,14 @@ def bench_size(layers, width, batch_size, seq, act, repeats, steps, compile_it, 
 
     holder = {"jaxnv": state, "plain": plain_state}
 
-    def run_jaxnv():
-        st = holder["jaxnv"]
-        start = time.perf_counter()
-        for _ in range(steps):
-            st, metrics = step(st, batch)
-        jax.block_until_ready((st, metrics))
-        holder["jaxnv"] = st
-        return (time.perf_counter() - start) / steps
+    def runner(name, fn):
+        def run():
+            holder[name], seconds = time_steps(fn, holder[name], batch, steps)
+            return seconds
 
-    def run_plain():
-        st = holder["plain"]
-        start = time.perf_counter()
-        for _ in range(steps):
-            st, loss = plain(st, batch)
-        jax.block_until_ready((st, loss))
-        holder["plain"] = st
-        return (time.perf_counter() - start) / steps
+        return run
+
+    run_jaxnv, run_plain = runner("jaxnv", step), runner("plain", plain)
 
     # jaxnv's own first loss, from its eval path on the initial params (before any step runs)
     loss0, _ = nnx_loss(graphdef, state, batch, policy)
