@@ -687,7 +687,7 @@ for rules, shape in MESHES.items():
 What to look at: params per device fall from 16 MiB under `dp` to 2 MiB under `fsdp` (1/8 within
 1 %), and the peak memory falls with them. `dp` all-reduces every gradient each step. `fsdp`
 moves far less than its textbook minimum, which assumes the weights are gathered: with only 64 rows
-a step, XLA's partitioner gathers the activations instead (0.50 MiB = 64 × 2048 float32).
+a step, XLA's partitioner gathers the activations instead (a 0.50 MiB buffer: 64 × 2048 float32).
 """),
     code(r"""
 def mib(pattern, text):
