@@ -88,12 +88,27 @@ def _peak(dtype_name: str) -> float:
     return measure_peak_flops(jnp.dtype(dtype_name))
 
 
-def _flops_and_peak(log, train_step: Step, state, batch, policy) -> tuple[float, float]:
-    """FLOPs per step (XLA cost analysis) and the device peak (declared or measured once)."""
+def _flops_and_peak(log, run: Run, state, batch) -> tuple[float, float]:
+    """Model FLOPs per step and the device peak (declared or measured once).
+
+    A model with `flops_per_token(seq_len)` (the transformer: 6N + attention) is counted by its
+    formula over the batch's tokens, the usual MFU convention, which leaves out the recomputation
+    of remat. Otherwise XLA's cost analysis of the step, which counts a loop body once: it is
+    multiplied by the number of micro-batches (whose loop holds nearly all the work).
+    """
     if not log.mfu:
         return 0.0, 0.0
-    flops = step_flops(train_step.fn, state, batch)
-    peak = log.peak_flops or _peak(jnp.dtype(policy.compute_dtype).name)
+    model = nnx.merge(run.graphdef, state.params, state.model_state)
+    x = batch.get("x") if isinstance(batch, dict) else None
+    if hasattr(model, "flops_per_token") and x is not None and x.ndim == 2:
+        flops = model.flops_per_token(x.shape[1]) * x.size
+    else:
+        t = run.cfg.train
+        micro = micro_batches_for(
+            t.batch_size, batch_divisor(run.plan.mesh), t.micro_batches, t.max_device_batch
+        )
+        flops = step_flops(run.train_step.fn, state, batch) * micro
+    peak = log.peak_flops or _peak(jnp.dtype(run.policy.compute_dtype).name)
     return flops, peak
 
 
@@ -278,7 +293,7 @@ def _train(exp: Experiment, run: Run, workdir: str | None, callbacks) -> TrainRe
         # collectives are read from a compiled step: only worth a compilation on a real mesh
         many = run.plan.mesh.size > 1
         print(format_report(run, compile_step(run) if many else None), flush=True)
-    flops, peak = _flops_and_peak(log, run.train_step, state, first, run.policy)
+    flops, peak = _flops_and_peak(log, run, state, first)
     history: list[dict[str, Any]] = []
 
     def emit(step, split, scalars):
