@@ -11,8 +11,8 @@ in a paired process, interleaved round by round (in one process the two runtimes
 slow each other down several times). Columns:
 step time (median over `repeats` interleaved rounds), tokens/s, speed relative to PyTorch eager,
 and MFU: model FLOPs per step over step time over the peak matmul FLOP/s of the same framework
-(a 2048 x 2048 fp32 matmul timed in the same run). Model FLOPs come from XLA's cost analysis of
-jaxnv's step and are cross-checked against the 6N + 12LTD formula.
+(a 2048 x 2048 fp32 matmul timed in the same run). Model FLOPs are the 6N + 12LTD formula, the
+same for every contender, cross-checked against XLA's cost analysis of jaxnv's step.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _common import interleave, parser, report, time_steps
+from _common import interleave, parser, report, time_steps, timed
 
 from jaxnv.models import Transformer
 from jaxnv.models.transformer import flops_per_token
 from jaxnv.optim import OptimizerConfig, make_optimizer
 from jaxnv.precision import get_policy
-from jaxnv.profiling import op_profile, step_flops
+from jaxnv.profiling import measure_peak_flops, op_profile, step_flops
 from jaxnv.state import init_state
 from jaxnv.step import batch_spec_of, make_train_step
 from jaxnv.tasks import softmax_ce_loss
@@ -92,12 +92,9 @@ def make_plain_step(tx, act):
 
 # ------------------------------------------------------------------------------------- PyTorch
 def make_torch(params, batch, act_name, compile_it):
-    """A PyTorch model holding copies of `params` and its step closure; None without torch."""
-    try:
-        import torch
-        import torch.nn.functional as F
-    except ImportError:
-        return None
+    """A PyTorch model holding copies of `params`: its step closure and its first loss."""
+    import torch
+    import torch.nn.functional as F
 
     acts = {"silu": F.silu, "gelu": lambda t: F.gelu(t, approximate="tanh"), "relu": F.relu}
     acts["relu2"] = lambda t: torch.square(F.relu(t))
@@ -176,53 +173,47 @@ def torch_peak(n: int) -> float:
 
     a = torch.ones(n, n)
     a @ a
-    best = min(_timeit(lambda: a @ a) for _ in range(5))
+    best = min(timed(lambda: a @ a) for _ in range(5))
     return 2.0 * n**3 / best
-
-
-def _timeit(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def xla_peak(n: int) -> float:
-    a = jnp.ones((n, n), jnp.float32)
-    mm = jax.jit(lambda x: x @ x)
-    mm(a).block_until_ready()
-    best = min(_timeit(lambda: mm(a).block_until_ready()) for _ in range(5))
-    return 2.0 * n**3 / best
+    return measure_peak_flops(jnp.float32, n=n, repeats=5)
 
 
 # ----------------------------------------------------------------------------------- the bench
-def bench_size(layers, width, batch_size, seq, act, repeats, steps, compile_it, peak_n):
-    heads = max(1, width // 64)
+def make_jaxnv(layers, width, batch_size, seq, act):
+    """jaxnv's GPT (64-wide heads), its train step, initial state and a random token batch."""
     policy = get_policy("fp32")
     cfg = OptimizerConfig(name="adamw", learning_rate=LR, weight_decay=WD, schedule="constant")
     tx = make_optimizer(cfg, 10_000)
     model_fn = lambda r: Transformer(  # noqa: E731
-        VOCAB, num_layers=layers, num_heads=heads, embed_dim=width, max_seq_len=seq,
-        activation=act, policy=policy, rngs=r,
+        VOCAB, num_layers=layers, num_heads=max(1, width // 64), embed_dim=width,
+        max_seq_len=seq, activation=act, policy=policy, rngs=r,
     )  # fmt: skip
     graphdef, state = init_state(model_fn, tx, policy, jax.random.key(0))
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, VOCAB, size=(batch_size, seq + 1))
+    tokens = np.random.default_rng(0).integers(0, VOCAB, size=(batch_size, seq + 1))
     batch = {"x": jnp.asarray(tokens[:, :-1], jnp.int32), "y": jnp.asarray(tokens[:, 1:])}
     batch["y"] = batch["y"].astype(jnp.int32)
     step = make_train_step(graphdef, softmax_ce_loss, tx, policy, batch_spec=batch_spec_of(batch))
+    return graphdef, state, step, batch
+
+
+def bench_size(layers, width, batch_size, seq, act, repeats, steps, compile_it, peak_n):
+    graphdef, state, step, batch = make_jaxnv(layers, width, batch_size, seq, act)
     params = jax.tree.map(np.asarray, state.params)
     act_fn = {"silu": jax.nn.silu, "relu": jax.nn.relu, "gelu": jax.nn.gelu}.get(act)
     act_fn = act_fn or (lambda t: jnp.square(jax.nn.relu(t)))
     matrices = lambda p: jax.tree.map(lambda a: a.ndim > 1, p)  # noqa: E731
     plain_tx = optax.adamw(LR, weight_decay=WD, mask=matrices)
-    plain_state = (jax.tree.map(jnp.asarray, params), None)
-    plain_state = (plain_state[0], plain_tx.init(plain_state[0]))
+    plain_params = jax.tree.map(jnp.asarray, params)
+    plain_state = (plain_params, plain_tx.init(plain_params))
     plain = make_plain_step(plain_tx, act_fn)
 
     flops_hlo = step_flops(step.fn, state, batch)
     flops_formula = flops_per_token(VOCAB, seq_len=seq, num_layers=layers, embed_dim=width)
     flops_formula *= batch_size * seq
-    first = {"plain": float(jax.jit(plain_loss, static_argnums=2)(plain_state[0], batch, act_fn))}
+    first = {"plain": float(jax.jit(plain_loss, static_argnums=2)(plain_params, batch, act_fn))}
 
     holder = {"jaxnv": state, "plain": plain_state}
 
@@ -236,8 +227,7 @@ def bench_size(layers, width, batch_size, seq, act, repeats, steps, compile_it, 
     run_jaxnv, run_plain = runner("jaxnv", step), runner("plain", plain)
 
     # jaxnv's own first loss, from its eval path on the initial params (before any step runs)
-    loss0, _ = nnx_loss(graphdef, state, batch, policy)
-    first["jaxnv"] = loss0
+    first["jaxnv"] = nnx_loss(graphdef, state, batch)
     contenders = {"jaxnv": run_jaxnv, "plain JAX": run_plain}
     torch_runs = {"torch eager": False, **({"torch.compile": True} if compile_it else {})}
     peaks = {"xla": xla_peak(peak_n)}
@@ -278,7 +268,8 @@ class TorchWorker:
 
         self.dir = tempfile.TemporaryDirectory()
         path = os.path.join(self.dir.name, "model.npz")
-        flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in _leaves(params)}
+        leaves = jax.tree_util.tree_leaves_with_path(params)
+        flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
         np.savez(path, **flat, tokens_x=np.asarray(batch["x"]), tokens_y=np.asarray(batch["y"]))
         cmd = [sys.executable, os.path.abspath(__file__), "--torch-worker", path, act]
         cmd += ["1" if compile_it else "0", str(peak_n)]
@@ -303,10 +294,6 @@ class TorchWorker:
         self.proc.stdin.close()
         self.proc.wait()
         self.dir.cleanup()
-
-
-def _leaves(params):
-    return jax.tree_util.tree_leaves_with_path(params)
 
 
 def torch_worker(path, act, compile_it, peak_n):
@@ -350,16 +337,7 @@ def _unflatten(flat):
 
 def print_profile(layers, width, batch_size, seq, act, top):
     """The `top` most expensive XLA ops (and op kinds) of jaxnv's step, in ms per step."""
-    policy = get_policy("fp32")
-    tx = make_optimizer(OptimizerConfig(name="adamw", learning_rate=LR, schedule="constant"), 10)
-    model_fn = lambda r: Transformer(  # noqa: E731
-        VOCAB, num_layers=layers, num_heads=max(1, width // 64), embed_dim=width,
-        max_seq_len=seq, activation=act, policy=policy, rngs=r,
-    )  # fmt: skip
-    graphdef, state = init_state(model_fn, tx, policy, jax.random.key(0))
-    tokens = jnp.zeros((batch_size, seq), jnp.int32)
-    batch = {"x": tokens, "y": tokens}
-    step = make_train_step(graphdef, softmax_ce_loss, tx, policy)
+    _, state, step, batch = make_jaxnv(layers, width, batch_size, seq, act)
     rows = op_profile(step.fn, state, batch, steps=3, top=top, carry=True)
     total = sum(ms for name, ms, _ in rows if name.startswith("[category]"))
     print(f"\nper-op profile of jaxnv's step, {layers}x{width} {act}: {total:.1f} ms in ops")
@@ -367,12 +345,12 @@ def print_profile(layers, width, batch_size, seq, act, top):
         print(f"{ms:9.2f} ms {ms / total:6.1%}  {name:36} {what[:100]}")
 
 
-def nnx_loss(graphdef, state, batch, policy):
+def nnx_loss(graphdef, state, batch) -> float:
+    """jaxnv's loss on `batch` at the params of `state` (no dropout, no step taken)."""
     from flax import nnx
 
     model = nnx.merge(graphdef, state.params, state.model_state)
-    loss, aux = jax.jit(lambda m, b: softmax_ce_loss(m, b, None))(model, batch)
-    return float(loss), aux
+    return float(jax.jit(lambda m, b: softmax_ce_loss(m, b, None)[0])(model, batch))
 
 
 def main():
@@ -403,7 +381,6 @@ def main():
         ref = times.get("torch eager")
         for name, dt in times.items():
             peak = peaks["torch" if name.startswith("torch") else "xla"]
-            flops = f_formula if name.startswith("torch") else f_hlo
             rows.append(
                 (
                     f"{size} {args.activation}",
@@ -412,7 +389,7 @@ def main():
                     f"{tokens / dt:,.0f}",
                     f"{ref / dt:.2f}" if ref else "n/a",
                     f"{dt / times['plain JAX']:.3f}",
-                    f"{flops / dt / peak:.1%} of {peak / 1e9:.0f} GF/s",
+                    f"{f_formula / dt / peak:.1%} of {peak / 1e9:.0f} GF/s",
                 )
             )
         print(
