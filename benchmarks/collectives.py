@@ -10,7 +10,8 @@ and compiled for 8 CPU devices. Reported per device:
 - **state bytes**: params + optimizer state, from the placed shardings (`per_device_bytes`),
   against the rule table applied to the model's shapes (dp: a full copy; fsdp: 1/8; tp: 1/8 of
   what has a head, MLP or vocabulary dim, the norm scales whole).
-- **collective bytes sent per step**, by kind, from the compiled HLO (`jaxnv.report.collectives`):
+- **collective bytes sent per step**, by kind, from the compiled HLO
+  (`jaxnv.parallel.report.collectives`):
   each op's buffer times its ring factor for its replica group of n devices (all-reduce
   2(n-1)/n, all-gather and reduce-scatter (n-1)/n of the full buffer, collective-permute 1).
   Theory, in the same unit, from the shapes alone: dp all-reduces the gradients over 8; fsdp
@@ -86,7 +87,7 @@ def theory(run) -> tuple[int, dict[str, float]]:
     """(state bytes per device, bytes sent per device by kind) from the model's shapes, the
     preset's rule table and the mesh sizes alone (no sharding objects, no HLO)."""
     from jaxnv.parallel import RULES
-    from jaxnv.report import COLLECTIVES
+    from jaxnv.parallel.report import COLLECTIVES
 
     cfg, mesh = run.cfg, run.plan.mesh
     rules = RULES[cfg.mesh.rules]
@@ -126,7 +127,7 @@ def short(op_name: str, width: int = 70) -> str:
 def measure(preset: str, quick: bool) -> dict:
     import jax
 
-    from jaxnv.report import INSPECT_ONLY, collectives, compile_step, per_device_bytes
+    from jaxnv.parallel.report import INSPECT_ONLY, collectives, compile_step, per_device_bytes
     from jaxnv.train import build
 
     run = build(experiment(preset, quick), jax.devices("cpu")[:DEVICES], abstract=True)
@@ -157,7 +158,7 @@ def compare(measured: float, expected: float) -> tuple[str, str]:
 
 
 def rows_for(preset: str, r: dict) -> list[tuple]:
-    from jaxnv.report import COLLECTIVES, sent_bytes
+    from jaxnv.parallel.report import COLLECTIVES, sent_bytes
 
     ops = r["ops"]
     rows = [

@@ -32,14 +32,14 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from _common import interleave, parser, report, time_steps  # noqa: E402
 
+from jaxnv.core.losses import softmax_ce_loss  # noqa: E402
+from jaxnv.core.optim import OptimizerConfig, make_optimizer  # noqa: E402
+from jaxnv.core.precision import get_policy  # noqa: E402
+from jaxnv.core.state import init_state  # noqa: E402
+from jaxnv.core.step import batch_spec_of, make_train_step  # noqa: E402
 from jaxnv.models import Transformer  # noqa: E402
 from jaxnv.models.transformer import flops_per_token, num_params  # noqa: E402
-from jaxnv.optim import OptimizerConfig, make_optimizer  # noqa: E402
-from jaxnv.precision import get_policy  # noqa: E402
-from jaxnv.profiling import measure_peak_flops, step_flops  # noqa: E402
-from jaxnv.state import init_state  # noqa: E402
-from jaxnv.step import batch_spec_of, make_train_step  # noqa: E402
-from jaxnv.tasks import softmax_ce_loss  # noqa: E402
+from jaxnv.train.profiling import measure_peak_flops, step_flops  # noqa: E402
 
 # nominal dense peaks (FLOP/s) by device kind and dtype, for a second MFU column
 NOMINAL = {

@@ -22,13 +22,13 @@ import optax
 from _common import parser, report, time_steps
 
 from jaxnv import apply_overrides
+from jaxnv.core.losses import mse_loss
+from jaxnv.core.optim import OptimizerConfig, make_optimizer
+from jaxnv.core.precision import get_policy
+from jaxnv.core.state import init_state
+from jaxnv.core.step import batch_spec_of, make_train_step
 from jaxnv.experiment import load_experiment
 from jaxnv.models import MLP
-from jaxnv.optim import OptimizerConfig, make_optimizer
-from jaxnv.precision import get_policy
-from jaxnv.state import init_state
-from jaxnv.step import batch_spec_of, make_train_step
-from jaxnv.tasks import mse_loss
 from jaxnv.train import build, train
 
 CASES = {  # name: (in, hidden widths, out, batch)

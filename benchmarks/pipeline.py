@@ -36,7 +36,7 @@ from jaxnv import apply_overrides
 from jaxnv.data import StepBatches
 from jaxnv.experiment import load_experiment
 from jaxnv.parallel import put_batch
-from jaxnv.train import Callback, _train, build
+from jaxnv.train.loop import Callback, _train, build
 
 CASES = {  # name: (model.features, steps per round, log_every)
     "mlp 2-256-256-1 (~1 ms step)": ("256,256", 400, 50),

@@ -28,14 +28,14 @@ import numpy as np
 import optax
 from _common import interleave, parser, report, time_steps, timed
 
+from jaxnv.core.losses import softmax_ce_loss
+from jaxnv.core.optim import OptimizerConfig, make_optimizer
+from jaxnv.core.precision import get_policy
+from jaxnv.core.state import init_state
+from jaxnv.core.step import batch_spec_of, make_train_step
 from jaxnv.models import Transformer
 from jaxnv.models.transformer import flops_per_token
-from jaxnv.optim import OptimizerConfig, make_optimizer
-from jaxnv.precision import get_policy
-from jaxnv.profiling import measure_peak_flops, op_profile, step_flops
-from jaxnv.state import init_state
-from jaxnv.step import batch_spec_of, make_train_step
-from jaxnv.tasks import softmax_ce_loss
+from jaxnv.train.profiling import measure_peak_flops, op_profile, step_flops
 
 VOCAB, LR, WD, EPS = 128, 1e-3, 0.1, 1e-6
 

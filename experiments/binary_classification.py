@@ -8,7 +8,7 @@ Result:  held-out accuracy about 0.97 with the MLP (logistic regression stops ne
 """
 
 from jaxnv.config import Config, DataConfig, ModelConfig, TrainConfig
-from jaxnv.optim import OptimizerConfig
+from jaxnv.core.optim import OptimizerConfig
 
 
 def config() -> Config:

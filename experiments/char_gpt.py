@@ -16,8 +16,8 @@ import numpy as np
 from flax import nnx
 
 from jaxnv.config import Config, DataConfig, LoggingConfig, ModelConfig, TrainConfig
+from jaxnv.core.optim import OptimizerConfig
 from jaxnv.models import generate
-from jaxnv.optim import OptimizerConfig
 
 PROMPT = "The for statement"
 

@@ -8,7 +8,7 @@ Two stages (32 and 64 channels) of one residual block each, batch norm, global a
 """
 
 from jaxnv.config import Config, DataConfig, ModelConfig, TrainConfig
-from jaxnv.optim import OptimizerConfig
+from jaxnv.core.optim import OptimizerConfig
 
 
 def config() -> Config:

@@ -12,7 +12,7 @@ Features (area m2, rooms, age years, distance km) are uniform over realistic ran
 import numpy as np
 
 from jaxnv.config import Config, DataConfig, ModelConfig, TrainConfig
-from jaxnv.optim import OptimizerConfig
+from jaxnv.core.optim import OptimizerConfig
 
 
 def config() -> Config:

@@ -9,7 +9,7 @@ Result:  eval mse falls from about 1.0 at the start to about 0.03 (noise floor 0
 """
 
 from jaxnv.config import Config, DataConfig, ModelConfig, TrainConfig
-from jaxnv.optim import OptimizerConfig
+from jaxnv.core.optim import OptimizerConfig
 
 
 def config() -> Config:

@@ -11,7 +11,7 @@ Result:  eval mse about 0.0006 (against 0.167 for the best memoryless guess).
 """
 
 from jaxnv.config import Config, DataConfig, ModelConfig, TrainConfig
-from jaxnv.optim import OptimizerConfig
+from jaxnv.core.optim import OptimizerConfig
 
 
 def config() -> Config:

@@ -7,10 +7,10 @@ Everything that trains is a pure function of pytrees, compiled once:
     state, metrics = train_step(state, batch)
 """
 
-from jaxnv import losses
 from jaxnv.config import Config, apply_overrides
-from jaxnv.optim import OptimizerConfig, make_optimizer, make_schedule
-from jaxnv.precision import (
+from jaxnv.core import losses
+from jaxnv.core.optim import OptimizerConfig, make_optimizer, make_schedule
+from jaxnv.core.precision import (
     DynamicLossScale,
     NoOpLossScale,
     Policy,
@@ -19,8 +19,8 @@ from jaxnv.precision import (
     get_policy,
     make_loss_scale,
 )
-from jaxnv.state import TrainState, init_state
-from jaxnv.step import make_eval_step, make_train_step
+from jaxnv.core.state import TrainState, init_state
+from jaxnv.core.step import make_eval_step, make_train_step
 
 __version__ = "0.1.0"
 

@@ -34,7 +34,7 @@ def _setup_devices() -> None:
 def cmd_train(args) -> int:
     from jaxnv import config as config_lib
     from jaxnv.experiment import load_experiment
-    from jaxnv.train import train
+    from jaxnv.train.loop import train
 
     exp = load_experiment(args.experiment)
     exp.config = config_lib.validate(config_lib.apply_overrides(exp.config, args.overrides))
@@ -42,8 +42,8 @@ def cmd_train(args) -> int:
         print(json.dumps(config_lib.to_dict(exp.config), indent=2))
         return 0
     if args.dry_run:
-        from jaxnv.report import dry_run
-        from jaxnv.train import build
+        from jaxnv.parallel.report import dry_run
+        from jaxnv.train.loop import build
 
         print(dry_run(build(exp, abstract=True)))
         return 0
@@ -74,7 +74,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from jaxnv import config as config_lib
     from jaxnv.experiment import load_experiment
-    from jaxnv.train import evaluate_workdir
+    from jaxnv.train.loop import evaluate_workdir
 
     exp = load_experiment(args.experiment)
     exp.config = config_lib.validate(config_lib.apply_overrides(exp.config, args.overrides))
@@ -86,7 +86,7 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from jaxnv import config as config_lib
     from jaxnv.experiment import load_experiment
-    from jaxnv.export import MANIFEST, export_workdir
+    from jaxnv.serve.export import MANIFEST, export_workdir
 
     exp = load_experiment(args.experiment)
     exp.config = config_lib.validate(config_lib.apply_overrides(exp.config, args.overrides))
@@ -109,7 +109,7 @@ def _shape(spec: dict) -> str:
 def cmd_predict(args) -> int:
     import numpy as np
 
-    from jaxnv.export import load
+    from jaxnv.serve.export import load
 
     if args.output and os.path.exists(args.output):
         raise FileExistsError(f"--output {args.output!r} already exists: pass a new path")
@@ -130,7 +130,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_launch(args) -> int:
-    from jaxnv.distributed import launch
+    from jaxnv.parallel.distributed import launch
 
     rest = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
     if not rest:
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_devices()
     joined = False
     if args.command != "launch":
-        from jaxnv import distributed
+        from jaxnv.parallel import distributed
 
         joined = distributed.initialize()  # a multi-process run, when the environment says so
     try:
@@ -257,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as err:
         code = err.code if isinstance(err.code, int) else 1
     except BaseException as err:
-        from jaxnv.nonfinite import NonFiniteError
-        from jaxnv.preemption import EXIT_PREEMPTED, Preempted
+        from jaxnv.checkpoint.preemption import EXIT_PREEMPTED, Preempted
+        from jaxnv.train.nonfinite import NonFiniteError
 
         if isinstance(err, Preempted):
             print(f"jaxnv: {err}", file=sys.stderr)

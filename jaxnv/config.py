@@ -15,8 +15,8 @@ import difflib
 import typing
 from typing import Any
 
-from jaxnv.optim import OptimizerConfig
-from jaxnv.parallel import MeshConfig
+from jaxnv.core.optim import OptimizerConfig
+from jaxnv.parallel.mesh import MeshConfig
 
 
 @dataclasses.dataclass
@@ -75,7 +75,7 @@ class TrainConfig:
     micro_batches: int = 1  # gradient accumulation inside one step
     max_device_batch: int = 0  # >0: more micro-batches when a device's share would exceed this
     loss: str = "mse"  # mse | bce | softmax_ce
-    on_nonfinite: str = "skip"  # skip | stop | rollback (see jaxnv/nonfinite.py)
+    on_nonfinite: str = "skip"  # skip | stop | rollback (see jaxnv/train/nonfinite.py)
     best_metric: str = "loss"  # eval metric tracked for the best step ("" to disable)
     best_mode: str = "min"  # min | max
 

@@ -19,10 +19,11 @@ from typing import Any
 from flax import nnx
 
 from jaxnv.config import Config
-from jaxnv.data import Dataset, make_dataset
+from jaxnv.core.losses import get_loss_fn
+from jaxnv.core.precision import Policy
+from jaxnv.data.builtin import make_dataset
+from jaxnv.data.sources import Dataset
 from jaxnv.models import build_model
-from jaxnv.precision import Policy
-from jaxnv.tasks import get_loss_fn
 
 
 def default_make_model(cfg: Config, data: Dataset, policy: Policy, rngs: nnx.Rngs) -> nnx.Module:

@@ -6,7 +6,7 @@ from importlib import metadata
 
 import jax
 
-from jaxnv.precision import Policy
+from jaxnv.core.precision import Policy
 
 PACKAGES = ("jaxnv", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "grain")
 

@@ -70,7 +70,7 @@ from IPython.display import Image, display
 
 from jaxnv import apply_overrides
 from jaxnv.experiment import load_experiment
-from jaxnv.precision import Policy, get_policy, make_loss_scale
+from jaxnv.core.precision import Policy, get_policy, make_loss_scale
 from jaxnv.train import Callback, train
 
 notebook_start = time.perf_counter()
@@ -511,7 +511,7 @@ from jax.sharding import PartitionSpec as P
 from jaxnv import apply_overrides
 from jaxnv.experiment import load_experiment
 from jaxnv.parallel import format_table
-from jaxnv.report import dry_run, per_device_bytes
+from jaxnv.parallel.report import dry_run, per_device_bytes
 from jaxnv.train import build, train
 
 print(jax.devices())

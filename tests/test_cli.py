@@ -13,8 +13,8 @@ import pytest
 import jaxnv
 from jaxnv import cli
 from jaxnv import config as config_lib
+from jaxnv.core.precision import Policy
 from jaxnv.experiment import load_experiment
-from jaxnv.precision import Policy
 
 SCRIPT = Path(sys.executable).with_name("jaxnv")  # the console script of this environment
 

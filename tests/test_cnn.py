@@ -10,11 +10,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxnv import losses
+from jaxnv.core import losses
+from jaxnv.core.precision import get_policy
+from jaxnv.core.state import abstract_model, init_state, split_model
+from jaxnv.core.step import make_eval_step, make_train_step
 from jaxnv.models.cnn import CNN
-from jaxnv.precision import get_policy
-from jaxnv.state import abstract_model, init_state, split_model
-from jaxnv.step import make_eval_step, make_train_step
 
 EPS, MOMENTUM, GROUPS = 1e-5, 0.9, 2
 TINY = dict(features=(4, 6), blocks_per_stage=2, groups=GROUPS)

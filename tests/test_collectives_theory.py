@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 from jaxnv import apply_overrides
 from jaxnv.experiment import load_experiment
 from jaxnv.parallel import MeshConfig, make_mesh
-from jaxnv.report import (
+from jaxnv.parallel.report import (
     INSPECT_ONLY,
     collectives,
     compile_step,

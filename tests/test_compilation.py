@@ -8,7 +8,7 @@ import sys
 import jax
 import pytest
 
-from jaxnv.compilation import (
+from jaxnv.train.compilation import (
     ENV,
     cache_dir_setting,
     default_cache_dir,

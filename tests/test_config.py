@@ -17,7 +17,7 @@ from jaxnv.config import (
     to_dict,
     validate,
 )
-from jaxnv.optim import OptimizerConfig
+from jaxnv.core.optim import OptimizerConfig
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:

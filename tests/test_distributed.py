@@ -10,8 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxnv import apply_overrides, distributed
+from jaxnv import apply_overrides
 from jaxnv.experiment import load_experiment
+from jaxnv.parallel import distributed
 from jaxnv.train import train
 
 ARGS = [

@@ -14,11 +14,11 @@ import pytest
 from flax import nnx
 
 from jaxnv import config as config_lib
+from jaxnv.core.losses import bce_loss, mse_loss
+from jaxnv.core.optim import make_optimizer
+from jaxnv.core.state import init_state
+from jaxnv.core.step import make_eval_step
 from jaxnv.experiment import available_experiments, load_experiment
-from jaxnv.optim import make_optimizer
-from jaxnv.state import init_state
-from jaxnv.step import make_eval_step
-from jaxnv.tasks import bce_loss, mse_loss
 from jaxnv.train import Callback, evaluate, train
 
 EXPERIMENTS = ("house_prices", "binary_classification", "mlp_regression")

@@ -14,7 +14,7 @@ from flax import nnx
 from jaxnv import cli
 from jaxnv import config as config_lib
 from jaxnv.experiment import load_experiment
-from jaxnv.export import export_predict, export_workdir, load
+from jaxnv.serve.export import export_predict, export_workdir, load
 from jaxnv.train import train
 
 QUIET = ["logging.progress=false", "logging.mfu=false", "logging.tensorboard=false"]
@@ -85,7 +85,7 @@ def test_manifest_describes_the_artifact(runs):
 
 
 def test_fresh_process_runs_the_export_without_experiment_code(runs, tmp_path):
-    """A new interpreter runs each export, first with jax + numpy alone, then via jaxnv.export."""
+    """A new interpreter runs each export, first with jax + numpy alone, then via jaxnv's loader."""
     jobs = []
     for name, r in runs.items():
         for b in BATCHES:  # one artifact, any batch size: the batch dimension is symbolic
@@ -117,7 +117,7 @@ for path, x_file, out in jobs:  # the format, read with jax + numpy only
     np.save(f"{out}_{len(x)}_raw.npy", np.asarray(y), allow_pickle=False)
 assert not [m for m in sys.modules if m.startswith("jaxnv")], "jaxnv was imported"
 
-from jaxnv.export import load
+from jaxnv.serve.export import load
 for path, x_file, out in jobs:
     x = np.load(x_file, allow_pickle=False)
     np.save(f"{out}_{len(x)}.npy", load(path)(x), allow_pickle=False)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnv import losses
+from jaxnv.core import losses
 
 RTOL = 1e-6
 

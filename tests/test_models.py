@@ -8,8 +8,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxnv.config import ModelConfig
+from jaxnv.core.precision import Policy, get_policy
 from jaxnv.models import ACTIVATIONS, MLP, Linear, build_model, get_activation
-from jaxnv.precision import Policy, get_policy
 
 FP32 = get_policy("fp32")
 

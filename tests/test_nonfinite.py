@@ -10,8 +10,8 @@ import pytest
 from jaxnv import apply_overrides
 from jaxnv.data import make_dataset
 from jaxnv.experiment import load_experiment
-from jaxnv.nonfinite import NonFiniteError, NonFiniteMonitor
 from jaxnv.train import train
+from jaxnv.train.nonfinite import NonFiniteError, NonFiniteMonitor
 
 ARGS = [
     "logging.progress=false",

@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxnv.optim import OptimizerConfig, decay_mask_fn, make_optimizer, make_schedule
+from jaxnv.core.optim import OptimizerConfig, decay_mask_fn, make_optimizer, make_schedule
 
 RTOL = 1e-6
 STEPS = 5

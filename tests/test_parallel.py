@@ -7,12 +7,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxnv import apply_overrides
+from jaxnv.core.optim import OptimizerConfig, make_optimizer
+from jaxnv.core.precision import get_policy
+from jaxnv.core.state import abstract_model, abstract_state
 from jaxnv.experiment import load_experiment
 from jaxnv.models import MLP, Transformer
-from jaxnv.optim import OptimizerConfig, make_optimizer
 from jaxnv.parallel import MeshConfig, get_rules, make_mesh, make_plan, mesh_shape
-from jaxnv.precision import get_policy
-from jaxnv.state import abstract_model, abstract_state
 from jaxnv.train import Callback, build, train
 
 QUIET = ["logging.progress=false", "logging.mfu=false"]
@@ -256,7 +256,7 @@ def test_transformer_same_curve_under_every_preset():
 def test_fsdp_compiled_memory_holds_one_eighth_of_the_state():
     """The compiled step's argument bytes per device under fsdp on 8 devices are within 10% of
     the replicated state divided by 8 (plus the batch and scalars)."""
-    from jaxnv.report import compile_step, per_device_bytes
+    from jaxnv.parallel.report import compile_step, per_device_bytes
 
     over = ["model.features=256,256", "mesh.rules=fsdp", "mesh.data=1", "mesh.fsdp=8"]
     sharded = build(_exp(*over), abstract=True)

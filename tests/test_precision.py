@@ -1,4 +1,4 @@
-"""Tests for jaxnv.precision: policies, auto selection, floating casts, finiteness, loss scaling."""
+"""Tests for jaxnv.core.precision: policies, auto selection, casts, finiteness, loss scaling."""
 
 import types
 
@@ -8,8 +8,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxnv import precision
-from jaxnv.precision import (
+from jaxnv.core import precision
+from jaxnv.core.precision import (
     DynamicLossScale,
     NoOpLossScale,
     Policy,

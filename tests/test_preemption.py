@@ -14,8 +14,8 @@ import pytest
 
 from jaxnv import apply_overrides
 from jaxnv.checkpoint import Checkpointer
+from jaxnv.checkpoint.preemption import EXIT_PREEMPTED
 from jaxnv.experiment import load_experiment
-from jaxnv.preemption import EXIT_PREEMPTED
 from jaxnv.train import train
 
 ARGS = [

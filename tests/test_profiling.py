@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxnv.profiling import op_profile, parse_window, step_flops
+from jaxnv.train.profiling import op_profile, parse_window, step_flops
 
 
 def test_step_flops_counts_a_matmul_exactly():

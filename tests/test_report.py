@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxnv.parallel import MeshConfig, make_mesh
-from jaxnv.report import collective_bytes, per_device_bytes
+from jaxnv.parallel.report import collective_bytes, per_device_bytes
 
 
 def test_per_device_bytes_follows_the_shardings():

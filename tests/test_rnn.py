@@ -10,11 +10,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from jaxnv.core.losses import softmax_ce_loss
+from jaxnv.core.precision import get_policy
+from jaxnv.core.state import init_state
+from jaxnv.core.step import make_eval_step, make_train_step
 from jaxnv.models.rnn import LSTM, lstm_cell
-from jaxnv.precision import get_policy
-from jaxnv.state import init_state
-from jaxnv.step import make_eval_step, make_train_step
-from jaxnv.tasks import softmax_ce_loss
 
 B, T, F, H, OUT = 2, 5, 3, 4, 6
 

@@ -4,14 +4,14 @@ import jax
 import numpy as np
 import pytest
 
+from jaxnv.core.losses import mse_loss
+from jaxnv.core.optim import OptimizerConfig, make_optimizer, make_schedule
+from jaxnv.core.precision import get_policy, make_loss_scale
+from jaxnv.core.state import abstract_model, abstract_state, init_state
+from jaxnv.core.step import make_train_step
 from jaxnv.models import MLP
-from jaxnv.optim import OptimizerConfig, make_optimizer, make_schedule
 from jaxnv.parallel import MeshConfig, make_mesh, make_plan, put_batch
-from jaxnv.precision import get_policy, make_loss_scale
-from jaxnv.shardmap import make_dp_train_step, replicated
-from jaxnv.state import abstract_model, abstract_state, init_state
-from jaxnv.step import make_train_step
-from jaxnv.tasks import mse_loss
+from jaxnv.parallel.shardmap import make_dp_train_step, replicated
 
 STEPS = 6
 BATCH = 32

@@ -6,12 +6,12 @@ import numpy as np
 import optax
 import pytest
 
+from jaxnv.core.losses import mse_loss
+from jaxnv.core.optim import OptimizerConfig, make_optimizer, make_schedule
+from jaxnv.core.precision import DynamicLossScale, get_policy, make_loss_scale
+from jaxnv.core.state import init_state
+from jaxnv.core.step import batch_spec_of, check_batch_fits, make_eval_step, make_train_step
 from jaxnv.models import MLP
-from jaxnv.optim import OptimizerConfig, make_optimizer, make_schedule
-from jaxnv.precision import DynamicLossScale, get_policy, make_loss_scale
-from jaxnv.state import init_state
-from jaxnv.step import batch_spec_of, check_batch_fits, make_eval_step, make_train_step
-from jaxnv.tasks import mse_loss
 
 STEPS = 5
 

@@ -13,7 +13,10 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxnv.losses import softmax_cross_entropy
+from jaxnv.core.losses import softmax_cross_entropy
+from jaxnv.core.precision import get_policy
+from jaxnv.core.state import init_state, param_count, split_model
+from jaxnv.core.step import make_train_step
 from jaxnv.models.transformer import (
     Transformer,
     apply_rope,
@@ -23,9 +26,6 @@ from jaxnv.models.transformer import (
     num_params,
     rms_norm,
 )
-from jaxnv.precision import get_policy
-from jaxnv.state import init_state, param_count, split_model
-from jaxnv.step import make_train_step
 
 VOCAB, SEQ = 37, 16
 TINY = dict(num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64, max_seq_len=SEQ)

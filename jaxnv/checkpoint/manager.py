@@ -21,8 +21,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxnv.parallel import path_names
-from jaxnv.precision import all_finite
+from jaxnv.core.precision import all_finite
+from jaxnv.parallel.mesh import path_names
 
 
 class CheckpointError(ValueError):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxnv.precision import NoOpLossScale, Policy
+from jaxnv.core.precision import NoOpLossScale, Policy
 
 ModelFn = Callable[[nnx.Rngs], nnx.Module]
 

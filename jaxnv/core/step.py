@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxnv.precision import Policy
-from jaxnv.state import TrainState
+from jaxnv.core.precision import Policy
+from jaxnv.core.state import TrainState
 
 Batch = Any
 LossFn = Callable[[nnx.Module, Batch, jax.Array | None], tuple[jax.Array, dict]]

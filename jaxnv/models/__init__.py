@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import difflib
+from typing import TYPE_CHECKING
 
 from flax import nnx
 
-from jaxnv.config import ModelConfig
+from jaxnv.core.precision import Policy
+
+if TYPE_CHECKING:  # read by attribute: models import only the core at run time
+    from jaxnv.config import ModelConfig
 from jaxnv.models.cnn import CNN
 from jaxnv.models.linear import Linear
 from jaxnv.models.mlp import ACTIVATIONS, MLP, get_activation
 from jaxnv.models.rnn import LSTM
 from jaxnv.models.transformer import Transformer, generate
-from jaxnv.precision import Policy
 
 MODELS = ("linear", "mlp", "cnn", "lstm", "transformer")
 

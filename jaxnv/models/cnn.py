@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxnv.precision import Policy, get_policy
+from jaxnv.core.precision import Policy, get_policy
 
 NORMS = ("batch", "group", "none")
 _CONV_AXES = (None, None, "conv_in", "conv_out")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from jaxnv.precision import Policy, get_policy
+from jaxnv.core.precision import Policy, get_policy
 
 
 class Linear(nnx.Module):

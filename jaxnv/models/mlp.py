@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
-from jaxnv.precision import Policy, get_policy
+from jaxnv.core.precision import Policy, get_policy
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,

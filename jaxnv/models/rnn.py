@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxnv.precision import Policy, get_policy
+from jaxnv.core.precision import Policy, get_policy
 
 HEADS = ("last", "sequence")
 

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxnv.core.precision import Policy, get_policy
 from jaxnv.models.mlp import get_activation
-from jaxnv.precision import Policy, get_policy
 
 REMAT_POLICIES = {
     "none": None,

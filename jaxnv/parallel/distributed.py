@@ -1,6 +1,6 @@
 """Many processes through JAX's own runtime (`jax.distributed`), and a local launcher for testing.
 
-    jaxnv.distributed.initialize()      # before any other JAX call; a no-op for one process
+    jaxnv.parallel.distributed.initialize()  # before any other JAX call; a no-op for one process
 
 Explicit settings come from `JAXNV_COORDINATOR` (host:port), `JAXNV_NUM_PROCESSES` and
 `JAXNV_PROCESS_ID`; without them, clusters that JAX auto-detects (SLURM, Open MPI, Kubernetes

@@ -32,7 +32,7 @@ import re
 import jax
 import numpy as np
 
-from jaxnv.parallel import format_table
+from jaxnv.parallel.mesh import format_table
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {

@@ -5,7 +5,7 @@
     train_step = make_dp_train_step(graphdef, loss_fn, tx, policy, mesh)
     state, metrics = train_step(state, batch)  # batch rows split over (data, fsdp)
 
-Same contract and metrics as `jaxnv.step.make_train_step`, but written per device: each device
+Same contract and metrics as `jaxnv.core.step.make_train_step`, but written per device: each device
 holds the whole (replicated) state and its own rows of the batch, computes its loss and grads,
 and averages them with `lax.pmean` over the batch axes. It is the pattern for custom parallel code
 (see docs/shard_map.md); `tests/test_shardmap.py` checks it against the jit-sharding path.
@@ -22,10 +22,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxnv.parallel import BATCH_AXES
-from jaxnv.precision import Policy
-from jaxnv.state import TrainState
-from jaxnv.step import Batch, LossFn, Step, _grads, apply_update
+from jaxnv.core.precision import Policy
+from jaxnv.core.state import TrainState
+from jaxnv.core.step import Batch, LossFn, Step, _grads, apply_update
+from jaxnv.parallel.mesh import BATCH_AXES
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -272,8 +272,8 @@ def export_workdir(
     experiment's name and the checkpoint's step.
     """
     from jaxnv import config as config_lib  # the shell, imported here: `load` needs none of it
-    from jaxnv.checkpoint import Checkpointer
-    from jaxnv.train import build
+    from jaxnv.checkpoint.manager import Checkpointer
+    from jaxnv.train.loop import build
 
     _refuse_existing(out)  # these checks come before the minutes of building and restoring
     _check_platforms(platforms)

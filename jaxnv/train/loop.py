@@ -19,21 +19,22 @@ from flax import nnx
 
 from jaxnv import __version__
 from jaxnv import config as config_lib
-from jaxnv.checkpoint import Checkpointer
-from jaxnv.compilation import enable_compilation_cache
-from jaxnv.data import Dataset, StepBatches, eval_batches
-from jaxnv.distributed import is_primary
+from jaxnv.checkpoint.manager import Checkpointer
+from jaxnv.checkpoint.preemption import Preempted, PreemptionGuard
+from jaxnv.core.optim import make_optimizer, make_schedule
+from jaxnv.core.precision import DynamicLossScale, Policy, get_policy, make_loss_scale
+from jaxnv.core.state import TrainState, abstract_model, abstract_state, init_state, param_count
+from jaxnv.core.step import Step, batch_spec_of, check_batch_fits, make_eval_step, make_train_step
+from jaxnv.data.pipeline import StepBatches, eval_batches
+from jaxnv.data.sources import Dataset
 from jaxnv.experiment import Experiment
-from jaxnv.nonfinite import NonFiniteMonitor
-from jaxnv.optim import make_optimizer, make_schedule
-from jaxnv.parallel import Plan, batch_divisor, make_mesh, make_plan, put_batch
-from jaxnv.precision import DynamicLossScale, Policy, get_policy, make_loss_scale
-from jaxnv.preemption import Preempted, PreemptionGuard
-from jaxnv.profiling import ProfileWindow, measure_peak_flops, step_flops
-from jaxnv.report import compile_step, format_report
-from jaxnv.state import TrainState, abstract_model, abstract_state, init_state, param_count
-from jaxnv.step import Step, batch_spec_of, check_batch_fits, make_eval_step, make_train_step
-from jaxnv.writers import BestTracker, Throughput, Writers, to_scalars, tokens_per_example
+from jaxnv.parallel.distributed import is_primary
+from jaxnv.parallel.mesh import Plan, batch_divisor, make_mesh, make_plan, put_batch
+from jaxnv.parallel.report import compile_step, format_report
+from jaxnv.train.compilation import enable_compilation_cache
+from jaxnv.train.nonfinite import NonFiniteMonitor
+from jaxnv.train.profiling import ProfileWindow, measure_peak_flops, step_flops
+from jaxnv.train.writers import BestTracker, Throughput, Writers, to_scalars, tokens_per_example
 
 
 class Callback:

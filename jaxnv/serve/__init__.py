@@ -1,0 +1,1 @@
+"""Deployment: `jax.export` artifacts of a trained model's predictor (`export`)."""
