@@ -7,8 +7,8 @@
 A checkpoint holds the whole `TrainState` and a JSON `meta` item (config, jaxnv version, step).
 orbax writes each step into a temporary directory and renames it when complete, so a half-written
 checkpoint is never picked up. Arrays are written uncompressed by default (OCDBT, zarr): zstd saves
-about 15 % of the bytes of trained fp32 weights and moments but halves the save and restore speed
-(benchmarks/checkpoint_async.py); `compress=True` turns it on. Either kind restores, since each
+little on trained fp32 weights and moments and slows saves and restores (benchmarks/RESULTS.md,
+checkpoint_async); `compress=True` turns it on. Either kind restores, since each
 array's codec is stored with it.
 """
 

@@ -148,8 +148,8 @@ def apply_update(tx, state: TrainState, grads, loss, aux, model_state, learning_
 
     One reduction gives both the grad norm and the finite check: the sum of squares is finite
     exactly when every gradient is, except for a norm above ~1.8e19, whose square overflows
-    float32 and which is treated as non-finite too (no float32 update survives it). A separate
-    `all_finite` pass had cost about 4 % of a 1.3M-param MLP's step.
+    float32 and which is treated as non-finite too (no float32 update survives it). It saves a
+    separate `all_finite` read of the gradients.
     """
     sum_sq = optax.tree.norm(grads, squared=True)
     finite = jnp.isfinite(sum_sq)

@@ -24,17 +24,16 @@ from jaxnv.data.sources import Arrays
 class StepBatches:
     """Random-access training batches: `batches[step]` is the global batch for `step`.
 
-    Examples are shuffled per epoch from (`seed`, epoch) with numpy's generator (random access to
-    grain's per-element shuffle cost 24 us an example here, 6 ms for a batch of 256); a batch may
-    straddle two epochs. Background threads (grain) prepare batches ahead of the loop. With
+    Examples are shuffled per epoch from (`seed`, epoch) with numpy's generator (one permutation
+    an epoch, cheaper than random access to grain's per-element shuffle); a batch may straddle two
+    epochs. Background threads (grain) prepare batches ahead of the loop. With
     `process_count > 1` each process materialises only its contiguous slice of the global batch
     (`local(step)`), and the slices of all processes concatenate to `batches[step]`.
     """
 
     # `iterate` prepares runs of consecutive steps together when batches are small: grain's
-    # per-element cost (~45 us) and jax.device_put's per-call cost (~35 us an array) are paid
-    # once a chunk instead of once a step (on the reference 2-core CPU, host CPU time per batch
-    # of 256 fell from ~95 us to ~30 us). A chunk holds at most this many steps and bytes.
+    # per-element cost and jax.device_put's per-call cost are paid once a chunk instead of once
+    # a step (docs/performance.md). A chunk holds at most this many steps and bytes.
     chunk_steps: int = 16
     chunk_bytes: int = 1 << 20
 

@@ -200,9 +200,9 @@ def _run_blocks_remat(blocks, x, positions, rng, remat: str):
     as one `lax.scan` over the blocks' stacked params.
 
     The scan is what makes remat save memory: with the blocks unrolled, XLA is free to hoist
-    every block's recomputation into the forward pass, where all of them are alive at once (on
-    the CPU, remat then saved 4 % of temp memory; under the scan, the backward of one block at
-    a time needs its recomputed activations). Stacking copies the blocks' params once per step:
+    every block's recomputation into the forward pass, where all of them are alive at once; under
+    the scan, the backward of one block at a time needs its recomputed activations
+    (docs/performance.md). Stacking copies the blocks' params once per step:
     weight-sized, small next to the activations it saves. Plain `jax.checkpoint` over the state:
     nothing is written back to the modules, so this also works on a model captured from outside
     the trace (where nnx.remat would refuse).

@@ -210,7 +210,7 @@ def batch_divisor(mesh: Mesh) -> int:
 
 def put_batch(batch, sharding: NamedSharding):
     """A global batch array from this process's rows (its slice of the global batch)."""
-    if jax.process_count() == 1:  # the rows are the whole batch; device_put is 3x cheaper
+    if jax.process_count() == 1:  # the rows are the whole batch; device_put is cheaper
         return jax.device_put(batch, sharding)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
