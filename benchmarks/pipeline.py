@@ -99,7 +99,7 @@ def loop_rate(exp, run, name: str) -> float:
     state = jax.tree.map(lambda x: x.copy(), run.state)  # the loop donates its state
     clock = Clock()
     with jax.set_mesh(run.plan.mesh):
-        _train(exp, dataclasses.replace(run, state=state), None, [clock])
+        _train(dataclasses.replace(run, state=state), None, [clock])
     (s0, t0, c0), (s1, t1, c1) = clock.marks[0], clock.marks[-1]
     CPU_US.setdefault(name, []).append((c1 - c0) / (s1 - s0) * 1e6)
     return (s1 - s0) / (t1 - t0)

@@ -1,5 +1,7 @@
 """jaxnv: a JAX functional training framework.
 
+    result = jaxnv.fit(model, loss_fn, batches, steps=1000, optimizer=optax.adamw(1e-3))
+
 Everything that trains is a pure function of pytrees, compiled once:
 
     graphdef, state = init_state(model_fn, tx, policy, rng)
@@ -7,8 +9,11 @@ Everything that trains is a pure function of pytrees, compiled once:
     state, metrics = train_step(state, batch)
 """
 
+__version__ = "0.1.0"  # first: modules below read it
+
 from jaxnv.config import Config, apply_overrides
 from jaxnv.core import losses
+from jaxnv.core.losses import Weighted, weighted_mean
 from jaxnv.core.optim import OptimizerConfig, make_optimizer, make_schedule
 from jaxnv.core.precision import (
     DynamicLossScale,
@@ -22,10 +27,15 @@ from jaxnv.core.precision import (
 from jaxnv.core.state import TrainState, init_state
 from jaxnv.core.step import make_eval_step, make_train_step
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "Callback",
     "Config",
+    "EarlyStopping",
+    "StepInfo",
+    "TrainResult",
+    "Weighted",
+    "fit",
+    "weighted_mean",
     "DynamicLossScale",
     "NoOpLossScale",
     "OptimizerConfig",
@@ -43,3 +53,14 @@ __all__ = [
     "make_schedule",
     "make_train_step",
 ]
+
+# The loop's names load on first use: `import jaxnv` (and loading an export) stays light.
+_LOOP = ("Callback", "EarlyStopping", "StepInfo", "TrainResult", "fit")
+
+
+def __getattr__(name):
+    if name in _LOOP:
+        from jaxnv.train import loop
+
+        return getattr(loop, name)
+    raise AttributeError(f"module 'jaxnv' has no attribute {name!r}")

@@ -78,9 +78,18 @@ def cmd_eval(args) -> int:
 
     exp = load_experiment(args.experiment)
     exp.config = config_lib.validate(config_lib.apply_overrides(exp.config, args.overrides))
-    step, metrics = evaluate_workdir(exp, args.workdir)
+    step, metrics = evaluate_workdir(exp, args.workdir, step=_step_arg(args.step))
     print(json.dumps({"step": step, "split": "eval", **metrics}))
     return 0
+
+
+def _step_arg(text: str | None) -> int | str | None:
+    """`--step`: latest | best | an int."""
+    if text is None or text in ("latest", "best"):
+        return text
+    if not text.isdigit():
+        raise ValueError(f"--step {text!r}: use latest, best or a step number")
+    return int(text)
 
 
 def cmd_export(args) -> int:
@@ -199,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate the newest checkpoint of a workdir")
     p.add_argument("experiment")
     p.add_argument("--workdir", required=True, help="a workdir written by `jaxnv train`")
+    p.add_argument("--step", help="latest (default), best (checkpoint.keep_best) or a step")
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.eval_batch_size=64"
     )

@@ -86,6 +86,7 @@ class CheckpointConfig:
 
     every: int = 0  # 0: only at the end of training
     keep: int = 3  # newest checkpoints kept
+    keep_best: int = 0  # also keep the K best by train.best_metric (each evaluation then saves)
 
 
 @dataclasses.dataclass
@@ -251,6 +252,10 @@ def validate(cfg: Config) -> Config:
             f"train.batch_size={t.batch_size} does not divide into train.micro_batches="
             f"{t.micro_batches}: choose a batch size that is a multiple of it"
         )
+    if cfg.checkpoint.keep_best < 0:
+        raise ConfigError(f"checkpoint.keep_best must be >= 0, got {cfg.checkpoint.keep_best}")
+    if cfg.checkpoint.keep_best and not t.best_metric:
+        raise ConfigError("checkpoint.keep_best needs train.best_metric (e.g. loss)")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
         raise ConfigError("checkpoint.every must be >= 0 (0: at the end) and checkpoint.keep >= 1")
     if t.max_device_batch < 0:

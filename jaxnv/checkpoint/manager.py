@@ -1,8 +1,13 @@
-"""Checkpoints on orbax: async saves every N steps, keep-N, atomic commits, strict restores.
+"""Checkpoints on orbax: async saves every N steps, keep-N and best-K, atomic commits, strict
+restores.
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=100, keep=3)
     ckpt.maybe_save(step, state, meta)          # returns at once; the write goes on behind
     state, meta = ckpt.restore(abstract_state)  # newest complete checkpoint, onto any sharding
+
+    ckpt = Checkpointer(path, keep=2, keep_best=3, best_metric="loss", best_mode="min")
+    ckpt.maybe_save(step, state, meta, metrics={"loss": 0.31})  # the eval metrics of that step
+    state, meta = ckpt.restore(abstract_state, "best")          # lowest loss still on disk
 
 A checkpoint holds the whole `TrainState` and a JSON `meta` item (config, jaxnv version, step).
 orbax writes each step into a temporary directory and renames it when complete, so a half-written
@@ -10,11 +15,19 @@ checkpoint is never picked up. Arrays are written uncompressed by default (OCDBT
 little on trained fp32 weights and moments and slows saves and restores (benchmarks/RESULTS.md,
 checkpoint_async); `compress=True` turns it on. Either kind restores, since each
 array's codec is stored with it.
+
+Retention keeps the `keep` newest checkpoints plus the `keep_best` best by `best_metric` among
+those saved with metrics; orbax stores a step's metrics beside it (`<step>/metrics`), so a new
+Checkpointer on the same directory ranks the old steps too.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -67,8 +80,41 @@ def _root_cause(err: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(best).__name__
 
 
+class _QuietMissingMetrics(logging.Filter):
+    """Drops orbax's warning for a save without metrics: steps without an evaluation are normal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Requested `tracked_metric`")
+
+
+_ABSL_LOGGER = logging.getLogger("absl")
+if not any(isinstance(f, _QuietMissingMetrics) for f in _ABSL_LOGGER.filters):
+    _ABSL_LOGGER.addFilter(_QuietMissingMetrics())
+
+STEP_NAMES = ("latest", "best")
+
+
+@dataclasses.dataclass
+class _AmongScored:
+    """Applies `policy` to the checkpoints that have a score only; it preserves none of the rest."""
+
+    policy: Any
+    score: Any
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+        scored = [i for i, c in enumerate(checkpoints) if self.score(c.metrics) is not None]
+        flags = self.policy.should_preserve([checkpoints[i] for i in scored], context=context)
+        out = [False] * len(checkpoints)
+        for i, keep in zip(scored, flags, strict=True):
+            out[i] = bool(keep)
+        return out
+
+
 class Checkpointer:
-    """An orbax `CheckpointManager` for train states: every `every` steps (0: only when forced)."""
+    """An orbax `CheckpointManager` for train states: every `every` steps (0: only when forced).
+
+    Keeps the `keep` newest checkpoints plus the `keep_best` best by the eval metric `best_metric`
+    (`best_mode` "min" or "max") among those saved with `metrics`; deletes the rest."""
 
     def __init__(
         self,
@@ -78,13 +124,31 @@ class Checkpointer:
         keep: int = 3,
         async_save: bool = True,
         compress: bool = False,
+        keep_best: int = 0,
+        best_metric: str = "loss",
+        best_mode: str = "min",
     ):
+        if best_mode not in ("min", "max"):
+            raise CheckpointError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+        if keep_best < 0:
+            raise CheckpointError(f"keep_best must be >= 0 (0: newest only), got {keep_best}")
         self.directory = os.path.abspath(directory)
         self.every = every
+        self.keep_best = keep_best
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self._scores: dict[int, float | None] = {}
+        cpm = ocp.checkpoint_managers
+        policies = [cpm.LatestN(n=keep)]
+        if keep_best:
+            best = cpm.BestN(get_metric_fn=self._score, reverse=best_mode == "min", n=keep_best)
+            policies.append(_AmongScored(best, self._score))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
             enable_async_checkpointing=async_save,
             create=True,
+            preservation_policy=cpm.AnyPreservationPolicy(policies),
+            best_fn=self._score,  # set so that orbax writes and reloads each step's metrics
+            best_mode=best_mode,
         )
         try:
             self.manager = ocp.CheckpointManager(
@@ -103,16 +167,63 @@ class Checkpointer:
                 "pass a --workdir that is a directory you can write to"
             ) from None
 
+    def _score(self, metrics: Any) -> float | None:
+        """`best_metric` from a step's metrics (NaN ranks worst), or None when it has none."""
+        if not isinstance(metrics, dict) or self.best_metric not in metrics:
+            return None
+        value = float(metrics[self.best_metric])
+        if math.isnan(value):
+            return math.inf if self.best_mode == "min" else -math.inf
+        return value
+
+    def _step_score(self, step: int) -> float | None:
+        if step not in self._scores:
+            self._scores[step] = self._score(self.manager.metrics(step))
+        return self._scores[step]
+
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
         return self.manager.latest_step()
 
-    def maybe_save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
-        """Save `state` at `step` if it is a save step (or `force`); refuses non-finite params."""
+    def best_step(self) -> int | None:
+        """The retained step with the best `best_metric` (the newest among ties), or None."""
+        sign = -1.0 if self.best_mode == "min" else 1.0
+        scored = [
+            (sign * score, s)
+            for s in self.manager.all_steps()
+            if (score := self._step_score(s)) is not None
+        ]
+        return max(scored)[1] if scored else None
+
+    def maybe_save(
+        self,
+        step: int,
+        state,
+        meta: dict,
+        *,
+        force: bool = False,
+        metrics: dict[str, float] | None = None,
+    ) -> bool:
+        """Save `state` at `step` if it is a save step (or `force`); refuses non-finite params.
+
+        `metrics` are that step's eval metrics (None: not evaluated); they rank it for `keep_best`
+        and `restore(..., "best")`."""
         if not force and not (self.every and step % self.every == 0):
             return False
         if step in self.manager.all_steps():
             return False
+        if metrics is not None:
+            try:
+                metrics = {str(k): float(jax.device_get(v)) for k, v in metrics.items()}
+            except (TypeError, ValueError) as err:
+                raise CheckpointError(
+                    f"metrics for step {step} must map names to numbers ({err}): pass scalars"
+                ) from None
+            if self.keep_best and self.best_metric not in metrics:
+                raise CheckpointError(
+                    f"metrics for step {step} have no {self.best_metric!r} "
+                    f"(they have {sorted(metrics)}): pass best_metric= one of them"
+                )
         if not bool(jax.device_get(all_finite(state.params))):
             raise CheckpointError(
                 f"params are not finite at step {step}: refusing to checkpoint them; the last "
@@ -122,15 +233,39 @@ class Checkpointer:
         self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)),
+            metrics=metrics,
         )
+        self._scores[step] = self._score(metrics)
         return True
 
-    def restore(self, target, step: int | None = None) -> tuple[Any, dict]:
-        """Restore onto `target` (a TrainState of arrays or `jax.ShapeDtypeStruct`s, which may carry
-        shardings); a structure, shape or dtype mismatch is a one-line CheckpointError."""
-        step = self.latest_step() if step is None else step
+    def _resolve(self, step: int | str | None) -> int:
+        """The step that `restore(..., step)` reads."""
+        if isinstance(step, str):
+            if step not in STEP_NAMES:
+                raise CheckpointError(
+                    f"unknown checkpoint step {step!r}: pass an int, 'latest' or 'best'"
+                )
+            if step == "best":
+                best = self.best_step()
+                if best is None and self.latest_step() is not None:
+                    raise CheckpointError(
+                        f"no checkpoint in {self.directory} was saved with a "
+                        f"{self.best_metric!r} metric: pass metrics= to maybe_save, or restore "
+                        "'latest'"
+                    )
+                step = best
+            else:
+                step = None
+        step = self.latest_step() if step is None else int(step)
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}: train first")
+        return step
+
+    def restore(self, target, step: int | str | None = None) -> tuple[Any, dict]:
+        """Restore onto `target` (a TrainState of arrays or `jax.ShapeDtypeStruct`s, which may carry
+        shardings) from `step`: an int, "latest" (or None) or "best"; a structure, shape or dtype
+        mismatch is a one-line CheckpointError."""
+        step = self._resolve(step)
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             target,

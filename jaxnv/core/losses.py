@@ -9,6 +9,7 @@ the unreduced per-element values. Shape and dtype mistakes raise a one-line erro
 """
 
 import difflib
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -151,6 +152,31 @@ def accuracy(logits, labels, *, mask=None):
         correct = jnp.argmax(logits, axis=-1) == labels
     mask = _check_mask(fn, mask, labels.shape)
     return _reduce(correct.astype(jnp.float32), mask, "mean")
+
+
+class Weighted(NamedTuple):
+    """A loss given as its sum and the weight it is a sum over (e.g. the count of real tokens).
+
+    A `loss_fn` that returns `(Weighted(total, weight), aux)` is averaged exactly: gradient
+    accumulation, the data-parallel reduction and evaluation all compute `sum(total) /
+    sum(weight)` over everything they see, not a mean of per-batch means.
+    """
+
+    total: jax.Array
+    weight: jax.Array
+
+
+def weighted_mean(values, mask=None) -> Weighted:
+    """`values` (...) as a `Weighted` sum over the masked-in positions (all when `mask` is None).
+
+    >>> import jax.numpy as jnp
+    >>> w = weighted_mean(jnp.array([1.0, 3.0, 9.0]), jnp.array([1, 1, 0]))
+    >>> float(w.total), float(w.weight)
+    (4.0, 2.0)
+    """
+    values = _f32(values)
+    weight = jnp.ones_like(values) if mask is None else jnp.broadcast_to(_f32(mask), values.shape)
+    return Weighted(jnp.sum(values * weight), jnp.sum(weight))
 
 
 # Ready-made `loss_fn(model, batch, rng) -> (loss, aux)` for batches of `{"x": ..., "y": ...}`.

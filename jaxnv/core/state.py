@@ -35,25 +35,45 @@ class TrainState:
     rng: jax.Array  # base key; a step uses fold_in(rng, step)
 
 
+# The non-param variables a train state carries from step to step: BatchNorm statistics, RNG
+# stream keys and counts, counters. Intermediates (`sow`) are outputs of one call, never state.
+CARRIED = nnx.Not(nnx.Any(nnx.Param, nnx.Intermediate))
+
+
+def _raw_key(x):
+    """Typed PRNG keys as their uint32 data: checkpointable, and NNX's streams accept either."""
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+        if isinstance(x, jax.ShapeDtypeStruct):  # an abstract model
+            return jax.eval_shape(jax.random.key_data, x)
+        return jax.random.key_data(x)
+    return x
+
+
 def split_model(model: nnx.Module):
-    """`(graphdef, params, model_state)`: the `nnx.Param` values and the rest, as plain dicts.
+    """`(graphdef, params, model_state)`: the `nnx.Param` values and the carried rest, as plain
+    dicts (intermediates from `sow` are left out).
 
     Plain nested dicts (not `nnx.State`) keep the state cheap to flatten on every step call and
     make checkpoints and optimizer state independent of NNX's variable types;
     `nnx.merge(graphdef, params, model_state)` rebuilds the module.
     """
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    if nnx.state(model, nnx.Intermediate):  # values sown by an earlier call: not part of it
+        model = nnx.merge(*nnx.split(model))  # a new module over the same arrays
+        nnx.pop(model, nnx.Intermediate)
+    graphdef, params, rest = nnx.split(model, nnx.Param, CARRIED)
+    return graphdef, nnx.to_pure_dict(params), jax.tree.map(_raw_key, nnx.to_pure_dict(rest))
 
 
-def abstract_model(model_fn: ModelFn) -> nnx.Module:
-    """The model with shapes only (no memory, no sharding needed)."""
+def abstract_model(model: ModelFn | nnx.Module) -> nnx.Module:
+    """The model with shapes only (no memory, no sharding needed), from a factory or a module."""
+    if isinstance(model, nnx.Module):
+        return nnx.eval_shape(lambda: nnx.merge(*nnx.split(model)))
     with nnx.use_eager_sharding(False):
-        return nnx.eval_shape(lambda: model_fn(nnx.Rngs(0)))
+        return nnx.eval_shape(lambda: model(nnx.Rngs(0)))
 
 
 def init_state(
-    model_fn: ModelFn,
+    model: ModelFn | nnx.Module,
     tx: optax.GradientTransformation,
     policy: Policy,
     rng: jax.Array,
@@ -61,19 +81,18 @@ def init_state(
     loss_scale: Any = None,
     out_shardings: Any = None,
 ) -> tuple[nnx.GraphDef, TrainState]:
-    """Build the model from `model_fn(rngs)` and its optimizer state in one compiled call.
+    """The train state of a model and its optimizer state, made in one compiled call.
 
-    `out_shardings` (a TrainState-shaped tree of shardings, or None) places the state directly
-    in its final layout. Params are stored in `policy.param_dtype`.
+    `model` is a factory `rngs -> Module` (the module is built inside the compiled call, each
+    device creating only its shards) or a built `nnx.Module`, whose current weights are the start
+    (passed as arguments, never embedded in the program). `out_shardings` (a TrainState-shaped tree
+    of shardings, or None) places the state directly in its final layout. Params are stored in
+    `policy.param_dtype`.
     """
-    graphdef, _, _ = split_model(abstract_model(model_fn))
     loss_scale = NoOpLossScale() if loss_scale is None else loss_scale
     init_rng, step_rng = jax.random.split(rng)
 
-    def _init(init_rng, step_rng, loss_scale):
-        with nnx.use_eager_sharding(False):
-            model = model_fn(nnx.Rngs(params=init_rng, dropout=init_rng))
-        _, params, model_state = split_model(model)
+    def _state(params, model_state, step_rng, loss_scale):
         params = policy.cast_to_param(params)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
@@ -84,15 +103,26 @@ def init_state(
             rng=step_rng,
         )
 
+    if isinstance(model, nnx.Module):
+        graphdef, params, model_state = split_model(model)
+        init = jax.jit(_state, out_shardings=out_shardings)
+        return graphdef, init(params, model_state, step_rng, loss_scale)
+
+    graphdef, _, _ = split_model(abstract_model(model))
+
+    def _init(init_rng, step_rng, loss_scale):
+        with nnx.use_eager_sharding(False):
+            built = model(nnx.Rngs(params=init_rng, dropout=init_rng))
+        _, params, model_state = split_model(built)
+        return _state(params, model_state, step_rng, loss_scale)
+
     state = jax.jit(_init, out_shardings=out_shardings)(init_rng, step_rng, loss_scale)
     return graphdef, state
 
 
-def abstract_state(model_fn, tx, policy, rng, *, loss_scale=None) -> TrainState:
+def abstract_state(model, tx, policy, rng, *, loss_scale=None) -> TrainState:
     """The TrainState as `jax.ShapeDtypeStruct`s, for sharding plans and restore targets."""
-    return jax.eval_shape(
-        lambda r: init_state(model_fn, tx, policy, r, loss_scale=loss_scale)[1], rng
-    )
+    return jax.eval_shape(lambda r: init_state(model, tx, policy, r, loss_scale=loss_scale)[1], rng)
 
 
 def param_count(params) -> int:

@@ -3,8 +3,11 @@
     train_step = make_train_step(graphdef, loss_fn, tx, policy, batch_spec=spec)
     state, metrics = train_step(state, batch)
 
-A loss function has the signature `loss_fn(model, batch, rng) -> (loss, aux)`: `rng` is a PRNG key
-while training and None in evaluation; `aux` is a dict of scalar metrics.
+A loss function has the signature `loss_fn(model, batch, rng) -> (loss, aux)` (or just `loss`):
+`rng` is a PRNG key while training and None in evaluation; `aux` is a dict of scalar metrics.
+`loss` is a scalar mean, or a `losses.Weighted(total, weight)` to be averaged exactly over
+micro-batches, devices and evaluation batches. The model arrives in NNX's train mode
+(`model.train()`) in the train step and in eval mode (`model.eval()`) in the eval step.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxnv.core.losses import Weighted
 from jaxnv.core.precision import Policy
-from jaxnv.core.state import TrainState
+from jaxnv.core.state import CARRIED, TrainState
 
 Batch = Any
 LossFn = Callable[[nnx.Module, Batch, jax.Array | None], tuple[jax.Array, dict]]
@@ -78,26 +82,80 @@ class Step:
         return self.fn(state, batch)
 
 
-def _merge(graphdef, policy: Policy, params, model_state):
-    return nnx.merge(graphdef, policy.cast_to_compute(params), model_state)
+def _merge(graphdef, policy: Policy, params, model_state, *, train: bool):
+    model = nnx.merge(graphdef, policy.cast_to_compute(params), model_state)
+    if train:  # NNX's own switch: Dropout.deterministic, BatchNorm.use_running_average
+        model.train()
+    else:
+        model.eval()
+    return model
+
+
+def _call_loss(loss_fn, model, batch, rng):
+    """`(mean, weight, aux)` from whatever `loss_fn` returns: a scalar, a `Weighted`, or either
+    of them with an aux dict. `mean` is the loss to differentiate; `weight` what it averages
+    (None for a plain scalar mean)."""
+    out = loss_fn(model, batch, rng)
+    if isinstance(out, tuple) and not isinstance(out, Weighted):
+        if len(out) != 2 or not isinstance(out[1], dict):
+            raise TypeError(
+                "loss_fn returned a tuple that is not (loss, aux): return a scalar loss, or "
+                "(loss, aux) with aux a dict of scalar metrics"
+            )
+        loss, aux = out
+    else:
+        loss, aux = out, {}
+    if isinstance(loss, Weighted):
+        total = jnp.asarray(loss.total, jnp.float32)
+        weight = jax.lax.stop_gradient(jnp.asarray(loss.weight, jnp.float32))
+        if total.ndim or weight.ndim:
+            raise ValueError(
+                f"Weighted(total {total.shape}, weight {weight.shape}) must hold two scalars: sum "
+                "the per-element losses and their weights (losses.weighted_mean does both)"
+            )
+        mean = jnp.where(weight > 0, total / jnp.where(weight > 0, weight, 1.0), 0.0)
+    else:
+        mean, weight = jnp.asarray(loss, jnp.float32), None
+        if mean.ndim:
+            raise ValueError(
+                f"loss_fn returned a loss of shape {mean.shape}, not a scalar: reduce it (.mean()),"
+                " or return losses.weighted_mean(per_element_losses, mask) for an exact mean"
+            )
+    bad = [k for k, v in aux.items() if jnp.ndim(v)]
+    if bad:
+        raise ValueError(f"aux metrics {bad} are not scalars: reduce each to one number")
+    return mean, weight, aux
+
+
+def _carried(model, model_state):
+    """The model's non-param state after a call, checked to keep the structure it came in with."""
+    new = nnx.to_pure_dict(nnx.state(model, CARRIED))
+    if jax.tree.structure(new) != jax.tree.structure(model_state):
+        raise ValueError(
+            "the model added or removed variables while it ran: keep non-param state fixed "
+            "(create it in __init__), and sow intermediates as nnx.Intermediate"
+        )
+    return new
 
 
 def _grads(graphdef, loss_fn, policy, state: TrainState, model_state, batch, rng):
-    """Unscaled fp32 grads, the loss, aux metrics and the updated model state for one batch."""
+    """Unscaled fp32 grads, the loss, aux metrics, the updated model state and the loss's weight
+    for one batch."""
 
     def scaled_loss(params):
-        model = _merge(graphdef, policy, params, model_state)
-        loss, aux = loss_fn(model, batch, rng)
-        new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
-        loss = jnp.asarray(loss, jnp.float32)
-        return state.loss_scale.scale(loss), (loss, aux, new_model_state)
+        model = _merge(graphdef, policy, params, model_state, train=True)
+        mean, weight, aux = _call_loss(loss_fn, model, batch, rng)
+        weight = jnp.ones((), jnp.float32) if weight is None else weight
+        return state.loss_scale.scale(mean), (mean, aux, _carried(model, model_state), weight)
 
-    grads, (loss, aux, new_model_state) = jax.grad(scaled_loss, has_aux=True)(state.params)
-    return state.loss_scale.unscale(grads), loss, aux, new_model_state
+    grads, (loss, aux, new_model_state, weight) = jax.grad(scaled_loss, has_aux=True)(state.params)
+    return state.loss_scale.unscale(grads), loss, aux, new_model_state, weight
 
 
 def _accumulated_grads(graphdef, loss_fn, policy, state, batch, rng, micro_batches):
-    """Mean grads, loss and aux over `micro_batches` equal slices of `batch` (by `lax.scan`)."""
+    """Grads, loss and aux over `micro_batches` equal slices of `batch` (by `lax.scan`), each
+    slice weighted by its loss's weight: the exact mean of a `Weighted` loss, and the plain mean
+    of per-slice means otherwise."""
 
     def split(x):  # (B, ...) -> (k, B / k, ...); micro-batch i takes rows i, i + k, i + 2k, ...
         # strided rather than contiguous: with the batch split over devices by rows, every
@@ -112,22 +170,21 @@ def _accumulated_grads(graphdef, loss_fn, policy, state, batch, rng, micro_batch
 
     micro = jax.tree.map(split, batch)
     first = jax.tree.map(lambda x: x[0], micro)
-    zeros = jax.tree.map(
-        lambda s: jnp.zeros(s.shape, s.dtype),
-        jax.eval_shape(lambda: one(state.model_state, 0, first)[:3]),
-    )
+    shapes = jax.eval_shape(lambda: one(state.model_state, 0, first))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[:3], shapes[4]))
 
     def body(carry, xs):
-        (g_sum, l_sum, a_sum), model_state = carry
+        ((g_sum, l_sum, a_sum), w_sum), model_state = carry
         i, mb = xs
-        g, loss, aux, model_state = one(model_state, i, mb)
-        sums = jax.tree.map(jnp.add, (g_sum, l_sum, a_sum), (g, loss, aux))
-        return (sums, model_state), None
+        g, loss, aux, model_state, w = one(model_state, i, mb)
+        sums = jax.tree.map(lambda acc, x: acc + x * w, (g_sum, l_sum, a_sum), (g, loss, aux))
+        return ((sums, w_sum + w), model_state), None
 
     xs = (jnp.arange(micro_batches), micro)
-    (sums, model_state), _ = jax.lax.scan(body, (zeros, state.model_state), xs)
-    grads, loss, aux = jax.tree.map(lambda x: x / micro_batches, sums)
-    return grads, loss, aux, model_state
+    ((sums, weight), model_state), _ = jax.lax.scan(body, (zeros, state.model_state), xs)
+    safe = jnp.where(weight > 0, weight, 1.0)
+    grads, loss, aux = jax.tree.map(lambda x: x / safe, sums)
+    return grads, loss, aux, model_state, weight
 
 
 def schedule_count(opt_state, default: jax.Array) -> jax.Array:
@@ -212,11 +269,11 @@ def make_train_step(
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
         if micro_batches == 1:
-            grads, loss, aux, model_state = _grads(
+            grads, loss, aux, model_state, _ = _grads(
                 graphdef, loss_fn, policy, state, state.model_state, batch, rng
             )
         else:
-            grads, loss, aux, model_state = _accumulated_grads(
+            grads, loss, aux, model_state, _ = _accumulated_grads(
                 graphdef, loss_fn, policy, state, batch, rng, micro_batches
             )
         return apply_update(tx, state, grads, loss, aux, model_state, learning_rate_fn)
@@ -230,21 +287,36 @@ def make_train_step(
     return Step(fn, batch_spec, "the train step")
 
 
+class EvalStep(Step):
+    """A compiled eval step: `eval_step(state, batch) -> metrics`; `.weighted(state, batch)`
+    also gives the weight the metrics average over (the loss's weight, else the example count)."""
+
+    def __call__(self, state, batch):
+        return super().__call__(state, batch)[0]
+
+    def weighted(self, state, batch):
+        return super().__call__(state, batch)
+
+
 def make_eval_step(
     graphdef: nnx.GraphDef,
     loss_fn: LossFn,
     policy: Policy,
     *,
     batch_spec: Any = None,
-) -> Step:
-    """A jitted `eval_step(state, batch) -> metrics` (`loss` and the loss's aux), no dropout."""
+) -> EvalStep:
+    """A jitted `eval_step(state, batch) -> metrics` (`loss` and the loss's aux), the model in
+    eval mode (`model.eval()`: no dropout, BatchNorm on its running statistics)."""
 
-    def eval_step(state: TrainState, batch: Batch) -> dict:
-        model = _merge(graphdef, policy, state.params, state.model_state)
-        loss, aux = loss_fn(model, batch, None)
-        return {"loss": jnp.asarray(loss, jnp.float32), **aux}
+    def eval_step(state: TrainState, batch: Batch) -> tuple[dict, jax.Array]:
+        model = _merge(graphdef, policy, state.params, state.model_state, train=False)
+        mean, weight, aux = _call_loss(loss_fn, model, batch, None)
+        if weight is None:  # a plain mean: weigh the batch by its examples
+            leaves = jax.tree.leaves(batch)
+            weight = jnp.asarray(leaves[0].shape[0] if leaves else 1, jnp.float32)
+        return {"loss": mean, **aux}, weight
 
-    return Step(jax.jit(eval_step), batch_spec, "the eval step")
+    return EvalStep(jax.jit(eval_step), batch_spec, "the eval step")
 
 
 def check_batch_fits(graphdef, loss_fn, policy, state, batch_spec) -> None:

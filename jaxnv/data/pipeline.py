@@ -93,6 +93,12 @@ class StepBatches:
     def __getitem__(self, step: int) -> Arrays:
         return self._gather(self.indices(step))  # (batch_size, ...) global batch
 
+    resumable = True  # the batch of a step is a pure function of the step
+
+    def sample(self) -> Arrays:
+        """A batch of the stream's structure and shapes (step 0's)."""
+        return self[0]
+
     def local(self, step: int) -> Arrays:
         """This process's rows of the global batch for `step`."""
         return self._local_run(step, step + 1)[0]
@@ -180,3 +186,95 @@ def eval_batches(arrays: Arrays, batch_size: int) -> Iterator[tuple[Arrays, int]
     for start in range(0, n, batch_size):
         batch = {k: v[start : start + batch_size] for k, v in arrays.items()}
         yield batch, len(batch["x"]) if "x" in batch else len(next(iter(batch.values())))
+
+
+class IndexedBatches:
+    """Batches from a random-access source of batches (a grain `MapDataset` after `.batch()`, a
+    list): the batch for step `s` is `source[s % len(source)]`, so a resume is exact."""
+
+    resumable = True
+
+    def __init__(self, source):
+        if len(source) < 1:
+            raise ValueError("the training data holds no batches: give it at least one")
+        self.source = source
+
+    def __getitem__(self, step: int):
+        return self.source[int(step) % len(self.source)]
+
+    def sample(self):
+        return self[0]
+
+    def iterate(self, start: int, stop: int, *, put=None) -> Iterator[Any]:
+        put = put or (lambda b: b)
+        return (put(self[s]) for s in range(start, stop))
+
+
+class IterableBatches:
+    """Batches from any iterable or iterator (a generator, a grain `IterDataset`, a
+    `DataLoader`-like object); step `s` takes the next batch. Its position is not stored, so a
+    resume at step `s` either skips `s` batches of a fresh pass (`on_resume="skip"`) or is
+    refused (`"refuse"`), never silently fed other data."""
+
+    resumable = False
+
+    def __init__(self, source, on_resume: str = "refuse"):
+        if on_resume not in ("skip", "refuse"):
+            raise ValueError(f"on_resume={on_resume!r}: use 'skip' or 'refuse'")
+        self.source, self.on_resume = source, on_resume
+        self._it = None  # the live iterator and how many batches it has given
+        self._pos = 0
+        self._peeked: list = []
+
+    def _fresh(self):
+        it = iter(self.source)
+        return None if it is self.source and self._it is not None else it
+
+    def sample(self):
+        """The first batch the data gives (kept, and yielded again at its step)."""
+        if not self._peeked:
+            if self._it is None:
+                self._it, self._pos = iter(self.source), 0
+            try:
+                self._peeked.append(next(self._it))
+            except StopIteration:
+                raise ValueError("the training data yielded no batches") from None
+        return self._peeked[0]
+
+    def skip_to(self, step: int) -> None:
+        """Fast-forward the stream so that the next batch is the one for `step`."""
+        if step == self._pos:
+            return
+        if step < self._pos:
+            fresh = self._fresh()
+            if fresh is None:
+                raise ValueError(
+                    f"the training data is a one-shot iterator already past step {step}: pass a "
+                    "re-iterable (a list, a grain dataset, a function's generator made anew)"
+                )
+            self._it, self._pos, self._peeked = fresh, 0, []
+        while self._pos < step:
+            self._next(step)
+
+    def _next(self, step):
+        if self._peeked:
+            self._pos += 1
+            return self._peeked.pop()
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            raise ValueError(
+                f"the training data ran out after {self._pos} batches, before step {step + 1}: "
+                "give at least `steps` batches (repeat the data, e.g. itertools.cycle or "
+                "grain's .repeat())"
+            ) from None
+        self._pos += 1
+        return batch
+
+    def iterate(self, start: int, stop: int, *, put=None) -> Iterator[Any]:
+        put = put or (lambda b: b)
+        if self._it is None:
+            self._it, self._pos = iter(self.source), 0
+        self.skip_to(start)
+        for step in range(start, stop):
+            yield put(self._next(step))

@@ -156,6 +156,18 @@ class Plan:
     batch: NamedSharding
     replicated: NamedSharding
     table: list[tuple[str, tuple, tuple[int, ...], P]]  # (path, logical names, shape, spec)
+    unnamed: list[str] = dataclasses.field(default_factory=list)  # params without logical names
+
+    def unnamed_note(self) -> str | None:
+        """One line about replicated params that carry no logical names (None if there are
+        none, or the mesh is one device)."""
+        if not self.unnamed or self.mesh.size == 1:
+            return None
+        shown = ", ".join(self.unnamed[:4]) + (", ..." if len(self.unnamed) > 4 else "")
+        return (
+            f"{len(self.unnamed)} params carry no logical axis names and are replicated ({shown}):"
+            " to shard them, create them with nnx.with_partitioning(init, ('embed', 'mlp'))"
+        )
 
 
 def make_plan(abstract_model, abstract_state, mesh: Mesh, rules="dp") -> Plan:
@@ -177,12 +189,17 @@ def make_plan(abstract_model, abstract_state, mesh: Mesh, rules="dp") -> Plan:
     params = dict(
         (path_names(p), x) for p, x in jax.tree_util.tree_leaves_with_path(abstract_state.params)
     )
-    specs, table = {}, []
+    specs, table, unnamed = {}, [], []
     for path, leaf in params.items():
-        logical = names.get(path, (None,) * len(leaf.shape))
+        logical = names.get(path) or ()
+        if len(logical) != len(leaf.shape):  # a plain NNX param: no names, replicated
+            logical = (None,) * len(leaf.shape)
+            unnamed.append("/".join(path))
         spec = spec_for(logical, leaf.shape, rules, mesh, "/".join(path))
         specs[path] = (tuple(leaf.shape), spec)
         table.append(("/".join(path), logical, tuple(leaf.shape), spec))
+        if unnamed and unnamed[-1] == "/".join(path):
+            continue  # reported once for all of them: Plan.unnamed_note
         if rules and not any(spec) and np.prod(leaf.shape) >= LARGE_PARAM:
             warnings.warn(
                 f"param {'/'.join(path)} {tuple(leaf.shape)} stays replicated under the rules "
@@ -200,7 +217,7 @@ def make_plan(abstract_model, abstract_state, mesh: Mesh, rules="dp") -> Plan:
 
     state = jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state)
     batch = NamedSharding(mesh, P(BATCH_AXES))
-    return Plan(mesh, rules, state, batch, replicated, table)
+    return Plan(mesh, rules, state, batch, replicated, table, unnamed)
 
 
 def batch_divisor(mesh: Mesh) -> int:

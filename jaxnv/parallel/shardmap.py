@@ -96,13 +96,17 @@ def make_dp_train_step(
         # transposes the implicit broadcast into a psum: the grads would come back already
         # *summed* over shards. With the cast they stay per shard and the mean below is ours.
         local = state.replace(params=jax.lax.pcast(state.params, batch_axes, to="varying"))
-        grads, loss, aux, model_state = _grads(
+        grads, loss, aux, model_state, weight = _grads(
             graphdef, loss_fn, policy, local, state.model_state, batch, rng
         )
-        # The only communication: one all-reduce each (XLA fuses them). Equal shard sizes make
-        # the mean of per-shard means the global mean.
-        grads = jax.lax.pmean(grads, batch_axes)
-        loss, aux = jax.lax.pmean((loss, aux), batch_axes)
+        # The only communication: one all-reduce each (XLA fuses them). Each shard's mean counts
+        # by its loss's weight (1 for a plain mean, whose equal shards make the mean of per-shard
+        # means the global mean; the token count of a `Weighted` loss: the exact token mean).
+        total = jax.lax.psum(weight, batch_axes)
+        safe = jnp.where(total > 0, total, 1.0)
+        grads, loss, aux = jax.tree.map(
+            lambda x: jax.lax.psum(x * weight, batch_axes) / safe, (grads, loss, aux)
+        )
         # Norm statistics: running means average exactly; running variances lose the
         # between-shard part (like DDP without SyncBatchNorm).
         model_state = _pmean_floating(model_state, batch_axes)

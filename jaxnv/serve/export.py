@@ -126,7 +126,8 @@ def export_predict(
         by_key = {**_flatten(params_s, "params"), **_flatten(model_state_s, "model_state")}
         p, s = jax.tree.unflatten(treedef, [by_key[k] for k in order])
         model = nnx.merge(graphdef, policy.cast_to_compute(p), s)
-        return model(x, None)  # rng None: eval mode (no dropout, running statistics)
+        model.eval()  # NNX's eval mode: no dropout, BatchNorm on its running statistics
+        return model(x)
 
     specs = _nest({k: jax.ShapeDtypeStruct(a.shape, a.dtype) for k, a in arrays.items()})
     x_spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, ...", like=x.shape), x.dtype)
@@ -282,7 +283,7 @@ def export_workdir(
         raise FileNotFoundError(
             f"no checkpoints in {workdir!r}: train first (jaxnv train {exp.name} --workdir DIR)"
         )
-    run = build(exp)
+    run = build(exp, abstract=True)  # shapes and shardings: the restore makes the only copy
     ckpt = Checkpointer(directory)
     try:
         state, _ = ckpt.restore(run.state)

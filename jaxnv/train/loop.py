@@ -1,6 +1,11 @@
-"""The training loop: build everything from the config, run the steps, evaluate, log, summarize.
+"""The one training loop, behind `fit` (any NNX model, any data) and `jaxnv train` (a config).
 
-result = train(load_experiment("house_prices"), workdir="runs/house")
+    result = fit(model, loss_fn, batches, steps=1000, optimizer=optax.adamw(1e-3), workdir="runs/a")
+    result = train(load_experiment("house_prices"), workdir="runs/house")
+
+Both build a `Run` (policy, mesh plan, abstract state, compiled steps, batches) and hand it to
+`_train`, which resumes from the workdir's newest checkpoint or initialises, runs the steps,
+evaluates, logs, saves and finishes with a summary.
 """
 
 from __future__ import annotations
@@ -10,41 +15,100 @@ import functools
 import json
 import os
 import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from jaxnv import __version__
 from jaxnv import config as config_lib
 from jaxnv.checkpoint.manager import Checkpointer
 from jaxnv.checkpoint.preemption import Preempted, PreemptionGuard
-from jaxnv.core.optim import make_optimizer, make_schedule
+from jaxnv.core.optim import OptimizerConfig, make_optimizer, make_schedule
 from jaxnv.core.precision import DynamicLossScale, Policy, get_policy, make_loss_scale
-from jaxnv.core.state import TrainState, abstract_model, abstract_state, init_state, param_count
-from jaxnv.core.step import Step, batch_spec_of, check_batch_fits, make_eval_step, make_train_step
-from jaxnv.data.pipeline import StepBatches, eval_batches
+from jaxnv.core.state import (
+    TrainState,
+    abstract_model,
+    abstract_state,
+    init_state,
+    param_count,
+    split_model,
+)
+from jaxnv.core.step import (
+    EvalStep,
+    Step,
+    batch_spec_of,
+    check_batch_fits,
+    make_eval_step,
+    make_train_step,
+)
+from jaxnv.data.pipeline import IndexedBatches, IterableBatches, StepBatches, eval_batches
 from jaxnv.data.sources import Dataset
 from jaxnv.experiment import Experiment
 from jaxnv.parallel.distributed import is_primary
-from jaxnv.parallel.mesh import Plan, batch_divisor, make_mesh, make_plan, put_batch
+from jaxnv.parallel.mesh import MeshConfig, Plan, batch_divisor, make_mesh, make_plan, put_batch
 from jaxnv.parallel.report import compile_step, format_report
 from jaxnv.train.compilation import enable_compilation_cache
 from jaxnv.train.nonfinite import NonFiniteMonitor
 from jaxnv.train.profiling import ProfileWindow, measure_peak_flops, step_flops
 from jaxnv.train.writers import BestTracker, Throughput, Writers, to_scalars, tokens_per_example
 
+TIMING_KEYS = ("steps_per_sec", "examples_per_sec", "tokens_per_sec", "mfu")  # differ run to run
+
+
+@dataclasses.dataclass
+class StepInfo:
+    """What a hook sees after a step: values already on the host. `state` is the live state,
+    valid during the call only (the next step donates its buffers): copy what you keep."""
+
+    step: int  # steps done
+    metrics: dict[str, float]
+    state: TrainState
+
 
 class Callback:
-    """Hooks called on the host between steps; override what you need."""
+    """Hooks called on the host between steps; override what you need. `on_step` and `on_eval`
+    may return True to stop the run (after a checkpoint of that step)."""
+
+    def on_step(self, info: StepInfo) -> bool | None:
+        """After every step, with that step's metrics fetched (a device sync each step)."""
 
     def on_log(self, step: int, split: str, scalars: dict[str, float], state: TrainState):
         """After each logged window (`split="train"`) and each evaluation (`"eval"`)."""
 
+    def on_eval(self, step: int, metrics: dict[str, float], state: TrainState) -> bool | None:
+        """After each evaluation, with its metrics (custom evaluators' included)."""
+
+    def on_save(self, step: int, directory: str):
+        """After a checkpoint of `step` was started under `directory`."""
+
     def on_end(self, result: TrainResult):
         """Once, after the last step and the final evaluation."""
+
+
+class EarlyStopping(Callback):
+    """Stop when the eval `metric` has not improved by `min_delta` in `patience` evaluations."""
+
+    def __init__(self, metric: str = "loss", patience: int = 3, mode: str = "min", min_delta=0.0):
+        if mode not in ("min", "max"):
+            raise ValueError(f"EarlyStopping mode={mode!r}: use 'min' or 'max'")
+        self.metric, self.patience, self.mode, self.min_delta = metric, patience, mode, min_delta
+        self.best: float | None = None
+        self.waited = 0
+
+    def on_eval(self, step, metrics, state):
+        if self.metric not in metrics:
+            raise KeyError(f"EarlyStopping: no eval metric {self.metric!r} in {sorted(metrics)}")
+        value = metrics[self.metric] * (1 if self.mode == "min" else -1)
+        if self.best is None or value < self.best - self.min_delta:
+            self.best, self.waited = value, 0
+            return False
+        self.waited += 1
+        return self.waited >= self.patience
 
 
 @dataclasses.dataclass
@@ -54,30 +118,51 @@ class TrainResult:
     state: TrainState
     graphdef: Any
     policy: Policy
-    data: Dataset
+    data: Dataset | None
     train_metrics: dict[str, float]  # the last logged window
     eval_metrics: dict[str, float]  # the final evaluation
     history: list[dict[str, Any]]  # every logged row, as written to metrics.jsonl
     seconds: float
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    @property
+    def model(self) -> nnx.Module:
+        """The trained model (params in the param dtype), in eval mode."""
+        model = nnx.merge(self.graphdef, self.state.params, self.state.model_state)
+        model.eval()
+        return model
+
+
+def _eval_iter(data, batch_size: int | None):
+    """Batches of an evaluation set: arrays sliced in order, or a re-iterable of batches."""
+    if isinstance(data, Dataset):
+        data = data.eval
+    if isinstance(data, Mapping):
+        return (batch for batch, _ in eval_batches(dict(data), batch_size or 256))
+    if callable(data):
+        return iter(data())
+    return iter(data)
+
 
 def evaluate(
-    eval_step: Step, state: TrainState, arrays, batch_size: int, sharding=None
+    eval_step: EvalStep, state: TrainState, data, batch_size: int | None = None, sharding=None
 ) -> dict[str, float]:
-    """Example-weighted mean of the eval metrics over all of `arrays` (last batch partial).
-
-    Eval batches are replicated on `sharding`'s mesh (every process holds the whole split).
-    """
+    """The eval metrics over all of `data`, each batch weighted by its loss's weight (the example
+    count for a plain mean): the exact mean over examples or tokens. `data` is a dict of arrays
+    (sliced into `batch_size` batches, the last partial) or a re-iterable of batches. Eval batches
+    are replicated on `sharding`'s mesh (every process holds the whole split)."""
     totals: dict[str, float] = {}
-    count = 0
-    for batch, n in eval_batches(arrays, batch_size):
+    weight = 0.0
+    for batch in _eval_iter(data, batch_size):
         batch = jax.device_put(batch, sharding) if sharding is not None else batch
-        metrics = to_scalars(jax.device_get(eval_step.fn(state, batch)))
-        for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + v * n
-        count += n
-    return {k: v / count for k, v in totals.items()}
+        metrics, w = jax.device_get(eval_step.fn(state, batch))
+        w = float(w)
+        for k, v in to_scalars(metrics).items():
+            totals[k] = totals.get(k, 0.0) + v * w
+        weight += w
+    if not totals:
+        raise ValueError("the evaluation data yielded no batches: give at least one")
+    return {k: v / weight if weight else 0.0 for k, v in totals.items()}
 
 
 def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -90,63 +175,29 @@ def _peak(dtype_name: str) -> float:
 
 
 def _flops_and_peak(log, run: Run, state, batch) -> tuple[float, float]:
-    """Model FLOPs per step and the device peak (declared or measured once).
+    """Model FLOPs per step *per device* and one device's peak (declared or measured once).
 
     A model with `flops_per_token(seq_len)` (the transformer: 6N + attention) is counted by its
     formula over the batch's tokens, the usual MFU convention, which leaves out the recomputation
     of remat. Otherwise XLA's cost analysis of the step, which counts a loop body once: it is
-    multiplied by the number of micro-batches (whose loop holds nearly all the work).
+    multiplied by the number of micro-batches (whose loop holds nearly all the work). Both count
+    the global batch, which the mesh's devices share.
     """
     if not log.mfu:
         return 0.0, 0.0
     model = nnx.merge(run.graphdef, state.params, state.model_state)
     x = batch.get("x") if isinstance(batch, dict) else None
-    if hasattr(model, "flops_per_token") and x is not None and x.ndim == 2:
-        flops = model.flops_per_token(x.shape[1]) * x.size
+    if hasattr(model, "flops_per_token") and x is not None and np.ndim(x) == 2:
+        flops = model.flops_per_token(x.shape[1]) * np.size(x)
     else:
-        t = run.cfg.train
-        micro = micro_batches_for(
-            t.batch_size, batch_divisor(run.plan.mesh), t.micro_batches, t.max_device_batch
-        )
-        flops = step_flops(run.train_step.fn, state, batch) * micro
+        flops = step_flops(run.train_step.fn, state, batch) * run.micro_batches
     peak = log.peak_flops or _peak(jnp.dtype(run.policy.compute_dtype).name)
-    return flops, peak
-
-
-def _open_workdir(workdir: str, cfg, ckpt: Checkpointer | None, state, best) -> tuple[Any, int]:
-    """Create the workdir, or resume from its newest checkpoint: `(state, start_step)`.
-
-    A workdir with metrics but no checkpoint is refused (nothing on disk is overwritten). On
-    resume, `metrics.jsonl` rows after the checkpoint's step are dropped so the log continues
-    without duplicates.
-    """
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    if ckpt is not None and ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(state)
-        start = int(jax.device_get(state.step))
-        best.load(meta.get("best", {}))
-        if os.path.exists(metrics_path) and is_primary():
-            with open(metrics_path, encoding="utf-8") as f:
-                keep = [line for line in f if json.loads(line)["step"] <= start]
-            tmp = metrics_path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(keep)
-            os.replace(tmp, metrics_path)  # atomic: the old log is never half-written
-        return state, start
-    if os.path.exists(metrics_path) and os.path.getsize(metrics_path) > 0:
-        raise FileExistsError(
-            f"workdir {workdir!r} already holds a run without checkpoints: pass a new --workdir "
-            "or remove the old one"
-        )
-    os.makedirs(workdir, exist_ok=True)
-    if is_primary():
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(config_lib.to_dict(cfg), f, indent=2)
-    return state, 0
+    return flops / run.plan.mesh.size, peak
 
 
 def micro_batches_for(batch: int, ways: int, micro: int, max_device_batch: int) -> int:
-    """Micro-batches per step so that each device's share of one is <= `max_device_batch`.
+    """Micro-batches per step: `micro`, or with `max_device_batch` the fewest (at least `micro`)
+    that keep each device's share of one at most that many examples.
 
     The optimizer always sees the whole global `batch`; only the accumulation changes.
     """
@@ -156,30 +207,96 @@ def micro_batches_for(batch: int, ways: int, micro: int, max_device_batch: int) 
             f"use a multiple of {ways}"
         )
     per_device = batch // ways
+    if per_device % micro:
+        raise config_lib.ConfigError(
+            f"train.batch_size={batch} gives {per_device} examples per device, which does not "
+            f"split into train.micro_batches={micro}: use a batch of {ways * micro}*n"
+        )
     k = micro
-    while per_device % k or (max_device_batch and per_device // k > max_device_batch):
+    while max_device_batch and per_device // k > max_device_batch or per_device % k:
         k += 1
-        if k > per_device:
-            raise config_lib.ConfigError(
-                f"train.batch_size={batch} gives {per_device} examples per device, which does not "
-                f"split into train.micro_batches={micro}: use a batch of {ways * micro}*n"
-            )
     return k
 
 
 @dataclasses.dataclass
 class Run:
-    """Everything built from a config before the first step."""
+    """Everything built before the first step. `state` is concrete, or (`abstract=True`) shapes
+    and shardings only, which `init()` or a checkpoint restore then fill."""
 
     cfg: config_lib.Config
-    data: Dataset
+    data: Dataset | None
     policy: Policy
     graphdef: Any
     state: TrainState
-    batches: StepBatches
+    batches: StepBatches | IndexedBatches | IterableBatches
     train_step: Step
-    eval_step: Step
+    eval_step: EvalStep
     plan: Plan  # mesh, state and batch shardings, the per-param table
+    init: Callable[[], TrainState] | None = None
+    eval_data: Any = None  # arrays, a re-iterable of batches, or None (no evaluation)
+    micro_batches: int = 1
+    name: str = "custom"
+    summarize: Callable[[TrainResult], dict] | None = None
+    evaluators: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
+
+
+def _global_spec(batches, process_count: int):
+    """The global batch's shapes: StepBatches hold the global batch, other feeds this process's
+    rows (stacked over processes)."""
+    spec = batch_spec_of(batches.sample())
+    if isinstance(batches, StepBatches) or process_count == 1:
+        return spec
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((x.shape[0] * process_count, *x.shape[1:]), x.dtype), spec
+    )
+
+
+def _assemble(cfg, model, loss_fn, batches, tx, learning_rate_fn, policy, loss_scale, devices,
+              abstract, **extra) -> Run:  # fmt: skip
+    """The Run of a model (factory or module), loss, batches and optimizer on `cfg`'s mesh."""
+    t = cfg.train
+    rng = jax.random.PRNGKey(t.seed)
+    mesh = make_mesh(cfg.mesh, devices)
+    ways = batch_divisor(mesh)
+    if ways % jax.process_count():
+        raise config_lib.ConfigError(
+            f"mesh data*fsdp={ways} does not split over {jax.process_count()} processes: each "
+            "process feeds its own rows, so make data*fsdp a multiple of the process count"
+        )
+    spec = _global_spec(batches, jax.process_count())
+    batch = jax.tree.leaves(spec)[0].shape[0]
+    micro = micro_batches_for(batch, ways, t.micro_batches, t.max_device_batch)
+    template = abstract_state(model, tx, policy, rng, loss_scale=loss_scale)
+    shapes = abstract_model(model)
+    plan = make_plan(shapes, template, mesh, cfg.mesh.rules)
+    graphdef = split_model(shapes)[0]
+
+    def init() -> TrainState:  # each device creates only its own shards
+        return init_state(model, tx, policy, rng, loss_scale=loss_scale, out_shardings=plan.state)[
+            1
+        ]
+
+    placed = jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), template, plan.state
+    )
+    check_batch_fits(graphdef, loss_fn, policy, placed, spec)  # one line, before compiling
+    train_step = make_train_step(
+        graphdef,
+        loss_fn,
+        tx,
+        policy,
+        learning_rate_fn=learning_rate_fn,
+        micro_batches=micro,
+        batch_spec=spec,
+        state_sharding=plan.state,
+        batch_sharding=plan.batch,
+    )
+    eval_step = make_eval_step(graphdef, loss_fn, policy)
+    state = placed if abstract else init()
+    return Run(
+        cfg, extra.pop("data", None), policy, graphdef, state, batches, train_step, eval_step,
+        plan, init=init, micro_batches=micro, **extra,
+    )  # fmt: skip
 
 
 def build(exp: Experiment, devices=None, *, abstract: bool = False) -> Run:
@@ -187,11 +304,11 @@ def build(exp: Experiment, devices=None, *, abstract: bool = False) -> Run:
 
     The mesh spans `devices` (default: all devices of all processes). With `abstract=True` the
     state is only shapes and shardings (`jax.ShapeDtypeStruct`s): nothing is allocated, which is
-    what a dry run needs.
+    what a dry run and a restore need.
     """
     enable_compilation_cache()  # $JAXNV_COMPILATION_CACHE, else ~/.cache/jaxnv/xla; "off": none
     cfg = config_lib.validate(exp.config)
-    t, loss_fn = cfg.train, exp.resolved_loss_fn()
+    t = cfg.train
     data = exp.make_data(cfg)
     policy = get_policy(cfg.precision.policy)
     p = cfg.precision
@@ -199,31 +316,6 @@ def build(exp: Experiment, devices=None, *, abstract: bool = False) -> Run:
         p.loss_scale, policy, init_scale=p.init_scale, period=p.growth_interval
     )
     updates = t.steps // cfg.optimizer.accumulate_steps  # MultiSteps updates once every k steps
-    tx = make_optimizer(cfg.optimizer, updates)
-
-    def model_fn(rngs):
-        return exp.make_model(cfg, data, policy, rngs)
-
-    rng = jax.random.PRNGKey(t.seed)
-    mesh = make_mesh(cfg.mesh, devices)
-    ways = batch_divisor(mesh)
-    micro = micro_batches_for(t.batch_size, ways, t.micro_batches, t.max_device_batch)
-    if ways % jax.process_count():
-        raise config_lib.ConfigError(
-            f"mesh data*fsdp={ways} does not split over {jax.process_count()} processes: each "
-            "process feeds its own rows, so make data*fsdp a multiple of the process count"
-        )
-    template = abstract_state(model_fn, tx, policy, rng, loss_scale=loss_scale)
-    plan = make_plan(abstract_model(model_fn), template, mesh, cfg.mesh.rules)
-    if abstract:
-        graphdef = nnx.graphdef(abstract_model(model_fn))
-        state = jax.tree.map(
-            lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), template, plan.state
-        )
-    else:  # each device creates only its own shards
-        graphdef, state = init_state(
-            model_fn, tx, policy, rng, loss_scale=loss_scale, out_shardings=plan.state
-        )
     batches = StepBatches(
         data.train,
         t.batch_size,
@@ -231,52 +323,265 @@ def build(exp: Experiment, devices=None, *, abstract: bool = False) -> Run:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    spec = batch_spec_of(batches[0])
-    check_batch_fits(graphdef, loss_fn, policy, state, spec)  # one-line error, before compiling
-    train_step = make_train_step(
-        graphdef,
-        loss_fn,
-        tx,
+    return _assemble(
+        cfg,
+        lambda rngs: exp.make_model(cfg, data, policy, rngs),
+        exp.resolved_loss_fn(),
+        batches,
+        make_optimizer(cfg.optimizer, updates),
+        make_schedule(cfg.optimizer, updates),
         policy,
-        learning_rate_fn=make_schedule(cfg.optimizer, updates),
-        micro_batches=micro,
-        batch_spec=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), spec),
-        state_sharding=plan.state,
-        batch_sharding=plan.batch,
+        loss_scale,
+        devices,
+        abstract,
+        data=data,
+        eval_data=data.eval,
+        name=exp.name,
+        summarize=exp.summarize,
     )
-    eval_step = make_eval_step(graphdef, loss_fn, policy)
-    return Run(cfg, data, policy, graphdef, state, batches, train_step, eval_step, plan)
 
 
 def train(
     exp: Experiment,
     *,
     workdir: str | None = None,
-    callbacks: list[Callback] = (),
+    callbacks: Iterable[Callback] = (),
     devices=None,
 ) -> TrainResult:
     """Run the experiment to `train.steps`, writing metrics and checkpoints under `workdir`.
 
     A workdir that holds checkpoints is resumed from the newest one, exactly: the data position,
-    rng and loss scale all follow from the restored state.
+    rng, loss scale and the logged windows all follow from the restored checkpoint.
     """
-    run = build(exp, devices)
-    # the mesh in context lets model code constrain activations (transformer.batch_sharded)
-    with jax.set_mesh(run.plan.mesh):
-        return _train(exp, run, workdir, callbacks)
+    return _train(build(exp, devices, abstract=True), workdir, list(callbacks))
 
 
-def _train(exp: Experiment, run: Run, workdir: str | None, callbacks) -> TrainResult:
-    cfg, t, log, state = run.cfg, run.cfg.train, run.cfg.logging, run.state
+def _as_batches(data, batch_size, seed, on_resume):
+    """The training feed for `data`: arrays and Datasets are shuffled and batched per step;
+    random-access sources of batches are indexed by step; anything else is iterated."""
+    if isinstance(data, Dataset):
+        data = data.train
+    if isinstance(data, Mapping):
+        if batch_size is None:
+            raise ValueError("fit: arrays need batch_size=N (the global batch) to be batched")
+        return StepBatches(
+            {k: np.asarray(v) for k, v in data.items()},
+            batch_size,
+            seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, str):
+        return IndexedBatches(data)
+    if isinstance(data, Iterable):
+        return IterableBatches(data, on_resume)
+    raise TypeError(
+        f"fit: train_data of type {type(data).__name__} is not data: pass an iterable of batches "
+        "(dicts of arrays), a jaxnv Dataset, a dict of arrays with batch_size, or a grain dataset"
+    )
+
+
+def _check_eval_data(data):
+    if data is None or isinstance(data, Dataset | Mapping) or callable(data):
+        return data
+    if iter(data) is data:
+        raise ValueError(
+            "fit: eval_data is a one-shot iterator, which cannot be evaluated twice: pass a list "
+            "of batches, a grain MapDataset, or a function that returns a fresh iterable"
+        )
+    return data
+
+
+def fit(
+    model: nnx.Module | Callable[[nnx.Rngs], nnx.Module],
+    loss_fn: Callable,
+    train_data,
+    *,
+    steps: int,
+    optimizer: optax.GradientTransformation | OptimizerConfig | None = None,
+    eval_data=None,
+    batch_size: int | None = None,
+    workdir: str | None = None,
+    precision: str | Policy | None = None,
+    mesh: MeshConfig | Mapping[str, int] | None = None,
+    rules: str | Mapping[str, str | None] | None = None,
+    devices=None,
+    callbacks: Iterable[Callback] = (),
+    evaluators: Mapping[str, Callable] | None = None,
+    seed: int = 0,
+    micro_batches: int = 1,
+    log_every: int = 10,
+    eval_every: int = 0,
+    eval_batch_size: int = 256,
+    checkpoint_every: int = 0,
+    keep: int = 3,
+    keep_best: int = 0,
+    best_metric: str = "loss",
+    best_mode: str = "min",
+    on_resume: str = "refuse",
+    on_nonfinite: str = "skip",
+    progress: bool = True,
+    tensorboard: bool = True,
+    mfu: bool = True,
+    name: str = "fit",
+) -> TrainResult:
+    """Train any Flax NNX model on any data; the same loop as `jaxnv train`.
+
+    `model` is a module (its current weights are the start) or a factory `rngs -> Module`.
+    `loss_fn(model, batch, rng)` returns a loss, `(loss, aux)`, or a `losses.Weighted` (with or
+    without aux) for an exact mean over tokens. `train_data` is an iterable or iterator of batches
+    (pytrees of numpy or jax arrays), a list or grain `MapDataset` of batches (indexed by step:
+    exact resume), a grain `IterDataset`, or a jaxnv `Dataset` / dict of arrays (shuffled per epoch,
+    `batch_size` rows a step). `eval_data` likewise, re-iterable (or a function returning an
+    iterable); a `Dataset` evaluates on its eval split by default. `optimizer` is an optax
+    transformation or an `OptimizerConfig` (default: adamw with jaxnv's defaults).
+
+    With a `workdir`, the run writes `config.json`, `metrics.jsonl`, TensorBoard and orbax
+    checkpoints, and running `fit` again on it resumes. An iterable's position cannot be stored:
+    `on_resume="skip"` fast-forwards a fresh pass over it, `"refuse"` (default) stops with an error.
+    `evaluators` map a name to `fn(model, eval_data) -> dict` of extra eval metrics (the model in
+    eval mode). The result's `.model` is the trained module in eval mode.
+    """
+    enable_compilation_cache()
+    mesh_cfg = mesh if isinstance(mesh, MeshConfig) else MeshConfig(**dict(mesh or {}))
+    if rules is not None:
+        mesh_cfg = dataclasses.replace(mesh_cfg, rules=rules)
+    policy = get_policy(precision or "fp32")
+    opt_cfg = optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig()
+    cfg = config_lib.Config(
+        optimizer=opt_cfg,
+        precision=config_lib.PrecisionConfig(policy=str(policy)),
+        train=config_lib.TrainConfig(
+            steps=steps,
+            batch_size=batch_size or 0,
+            seed=seed,
+            eval_every=eval_every,
+            eval_batch_size=eval_batch_size,
+            micro_batches=micro_batches,
+            on_nonfinite=on_nonfinite,
+            best_metric=best_metric,
+            best_mode=best_mode,
+        ),
+        mesh=mesh_cfg,
+        checkpoint=config_lib.CheckpointConfig(
+            every=checkpoint_every, keep=keep, keep_best=keep_best
+        ),  # fmt: skip
+        logging=config_lib.LoggingConfig(
+            log_every=log_every, tensorboard=tensorboard, progress=progress, mfu=mfu
+        ),
+    )
+    if isinstance(optimizer, optax.GradientTransformation):
+        tx, lr_fn = optimizer, None
+    else:
+        updates = steps // opt_cfg.accumulate_steps
+        tx, lr_fn = make_optimizer(opt_cfg, updates), make_schedule(opt_cfg, updates)
+    batches = _as_batches(train_data, batch_size, seed, on_resume)
+    if eval_data is None and isinstance(train_data, Dataset):
+        eval_data = train_data.eval
+    loss_scale = make_loss_scale("auto", policy)
+    run = _assemble(
+        cfg,
+        model,
+        loss_fn,
+        batches,
+        tx,
+        lr_fn,
+        policy,
+        loss_scale,
+        devices,
+        True,
+        data=train_data if isinstance(train_data, Dataset) else None,
+        eval_data=_check_eval_data(eval_data),
+        name=name,
+        evaluators=dict(evaluators or {}),
+    )
+    run.cfg.train.batch_size = jax.tree.leaves(run.train_step.batch_spec)[0].shape[0]
+    return _train(run, workdir, list(callbacks))
+
+
+def _resume_or_init(run: Run, workdir: str | None, ckpt: Checkpointer | None, best):
+    """`(state, start, meta)`: the newest checkpoint restored onto the run's (abstract) state, or
+    a fresh state. Creates the workdir; a workdir with metrics but no checkpoint is refused
+    (nothing on disk is overwritten). On resume, `metrics.jsonl` rows after the checkpoint's step
+    are dropped so the log continues without duplicates.
+    """
+    if workdir is None:
+        return (run.init() if _is_abstract(run.state) else run.state), 0, {}
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if ckpt is not None and ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(run.state)  # onto shapes and shardings: one copy in memory
+        start = int(jax.device_get(state.step))
+        best.load(meta.get("best", {}))
+        if start and not run.batches.resumable:
+            if run.batches.on_resume == "refuse":
+                raise ValueError(
+                    f"cannot resume {workdir!r} at step {start}: the training data is an iterable "
+                    "whose position is not stored; pass on_resume='skip' to fast-forward a fresh "
+                    "pass over it, or a list / grain MapDataset of batches for an exact resume"
+                )
+            if is_primary():
+                print(f"resuming at step {start}: skipping {start} batches of the data", flush=True)
+        if os.path.exists(metrics_path) and is_primary():
+            with open(metrics_path, encoding="utf-8") as f:
+                keep = [line for line in f if json.loads(line)["step"] <= start]
+            tmp = metrics_path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(keep)
+            os.replace(tmp, metrics_path)  # atomic: the old log is never half-written
+        return state, start, meta
+    if os.path.exists(metrics_path) and os.path.getsize(metrics_path) > 0:
+        raise FileExistsError(
+            f"workdir {workdir!r} already holds a run without checkpoints: pass a new --workdir "
+            "or remove the old one"
+        )
+    os.makedirs(workdir, exist_ok=True)
+    if is_primary():
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(config_lib.to_dict(run.cfg), f, indent=2)
+    return (run.init() if _is_abstract(run.state) else run.state), 0, {}
+
+
+def _is_abstract(state) -> bool:
+    return isinstance(jax.tree.leaves(state)[0], jax.ShapeDtypeStruct)
+
+
+def _overrides(cb: Callback, name: str) -> bool:
+    return getattr(type(cb), name) is not getattr(Callback, name)
+
+
+def _train(run: Run, workdir: str | None, callbacks: list[Callback]) -> TrainResult:
+    """Resume or initialise, then run the steps with the mesh in context (model code may
+    constrain activations by it, e.g. transformer.batch_sharded)."""
+    cfg, t = run.cfg, run.cfg.train
     best = BestTracker(t.best_metric, t.best_mode)
-    ckpt, start = None, 0
+    ckpt = None
     if workdir is not None:
         c = cfg.checkpoint
-        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every=c.every, keep=c.keep)
-        state, start = _open_workdir(workdir, cfg, ckpt, state, best)
-        if start >= t.steps:  # already finished: report, write nothing
+        ckpt = Checkpointer(
+            os.path.join(workdir, "checkpoints"),
+            every=c.every,
+            keep=c.keep,
+            keep_best=c.keep_best,
+            best_metric=t.best_metric or "loss",
+            best_mode=t.best_mode,
+        )
+    try:
+        state, start, restored = _resume_or_init(run, workdir, ckpt, best)
+    except BaseException:
+        if ckpt is not None:
             ckpt.close()
-            return _finished(exp, run, state, start)
+        raise
+    with jax.set_mesh(run.plan.mesh):
+        if start >= t.steps:  # already finished: report, write nothing
+            if ckpt is not None:
+                ckpt.close()
+            return _finished(run, state, start)
+        return _steps(run, workdir, callbacks, ckpt, best, state, start, restored)
+
+
+def _steps(run, workdir, callbacks, ckpt, best, state, start, restored) -> TrainResult:
+    """The loop proper: steps, logging windows, evaluation, checkpoints, hooks; the summary."""
+    cfg, t, log = run.cfg, run.cfg.train, run.cfg.logging
     primary = is_primary()  # only process 0 writes logs and metrics
     writers = Writers.open(
         workdir if primary else None,
@@ -284,17 +589,21 @@ def _train(exp: Experiment, run: Run, workdir: str | None, callbacks) -> TrainRe
         tensorboard=log.tensorboard,
         progress=log.progress,
         console=primary,
+        purge_step=start or None,  # TensorBoard drops the points a resumed run writes again
     )
     writers.start_at(start)
     tb_dir = os.path.join(workdir, "tensorboard") if workdir and primary else None
     profile = ProfileWindow(log.profile_steps, tb_dir)
-    first = run.batches[start]
+    first = run.batches.sample()
     speed = Throughput(start, t.batch_size, tokens_per_example(first))
     if primary and log.progress:
         # collectives are read from a compiled step: only worth a compilation on a real mesh
         many = run.plan.mesh.size > 1
         print(format_report(run, compile_step(run) if many else None), flush=True)
-    flops, peak = _flops_and_peak(log, run, state, first)
+    note = run.plan.unnamed_note()
+    if primary and note:
+        print(note, flush=True)
+    flops, peak = _flops_and_peak(log, run, state, _global_sample(run, first))
     history: list[dict[str, Any]] = []
 
     def emit(step, split, scalars):
@@ -303,33 +612,42 @@ def _train(exp: Experiment, run: Run, workdir: str | None, callbacks) -> TrainRe
         for cb in callbacks:
             cb.on_log(step, split, scalars, state)
 
-    def meta(step):
+    def meta(step, window):
         return {
             "step": step,
             "config": config_lib.to_dict(cfg),
             "version": __version__,
             "best": best.state_dict(),
+            # the open logging window's rows: a resumed run logs what an uninterrupted one does
+            "window": [to_scalars(m) for m in jax.device_get(window)],
         }
 
     started = time.perf_counter()
-    window: list[dict] = []
+    window: list[dict] = list(restored.get("window", []))  # host rows restored, device rows new
     train_scalars: dict[str, float] = {}
     eval_scalars: dict[str, float] = {}
     guard = PreemptionGuard(sync_every=log.log_every).__enter__()
     monitor = NonFiniteMonitor(t.on_nonfinite, isinstance(state.loss_scale, DynamicLossScale))
+    per_step = [cb for cb in callbacks if _overrides(cb, "on_step")]
     segment: int | None = start  # where the batches start; a rollback starts a new segment
     try:
         while segment is not None:
-            first, segment = segment, None
+            first_step, segment = segment, None
             # batches are gathered and copied to the devices by background threads, ahead of use
-            feed = run.batches.iterate(first, t.steps, put=lambda b: put_batch(b, run.plan.batch))
-            for step, batch in enumerate(feed, first):
+            feed = run.batches.iterate(
+                first_step, t.steps, put=lambda b: put_batch(b, run.plan.batch)
+            )
+            for step, batch in enumerate(feed, first_step):
                 profile.before_step(step)
                 with jax.transfer_guard("disallow"):  # nothing may move implicitly
                     state, metrics = run.train_step(state, batch)
                 window.append(metrics)  # stays on the device until the log step
                 profile.after_step(step, state)
                 done = step + 1
+                stop = False
+                if per_step:
+                    info = StepInfo(done, to_scalars(jax.device_get(metrics)), state)
+                    stop = any([bool(cb.on_step(info)) for cb in per_step])  # all hooks run
                 if done % log.log_every == 0 or done == t.steps:
                     rows = [to_scalars(m) for m in jax.device_get(window)]
                     bad, n_bad = monitor.first_bad(done - len(rows) + 1, rows)
@@ -348,17 +666,28 @@ def _train(exp: Experiment, run: Run, workdir: str | None, callbacks) -> TrainRe
                         step_array = jax.device_put(np.int32(done), state.step.sharding)
                         state = state.replace(step=step_array)
                         segment = done if done < t.steps else None
-                if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
-                    eval_scalars = evaluate(
-                        run.eval_step, state, run.data.eval, t.eval_batch_size, run.plan.replicated
-                    )
+                evaluated = None
+                if run.eval_data is not None and (
+                    (t.eval_every and done % t.eval_every == 0) or done == t.steps
+                ):
+                    eval_scalars = evaluated = _evaluate_all(run, state)
                     best.update(done, eval_scalars)
                     emit(done, "eval", eval_scalars)
-                stop = guard.should_stop(done)  # SIGTERM/SIGINT: save this step, then leave
+                    asked = [bool(cb.on_eval(done, eval_scalars, state)) for cb in callbacks]
+                    stop = stop or any(asked)
+                preempted = guard.should_stop(done)  # SIGTERM/SIGINT: save this step, then leave
+                stop = stop or preempted
                 if ckpt is not None:
-                    ckpt.maybe_save(done, state, meta(done), force=done == t.steps or stop)
-                if stop:
+                    force = done == t.steps or stop or bool(evaluated and cfg.checkpoint.keep_best)
+                    if ckpt.maybe_save(
+                        done, state, meta(done, window), force=force, metrics=evaluated
+                    ):
+                        for cb in callbacks:
+                            cb.on_save(done, ckpt.directory)
+                if preempted:
                     raise Preempted(done, guard.signum)
+                if stop:
+                    break
                 if segment is not None:  # rolled back: restart the feed after this window
                     break
     finally:
@@ -379,18 +708,18 @@ def _train(exp: Experiment, run: Run, workdir: str | None, callbacks) -> TrainRe
         time.perf_counter() - started,
     )
     result.summary = {
-        "experiment": exp.name,
+        "experiment": run.name,
         "steps": t.steps,
         "resumed_from": start,
         "params": param_count(state.params),
         "precision": str(run.policy),
         "seconds": round(result.seconds, 2),
-        "flops_per_step": flops,
+        "flops_per_step": flops * run.plan.mesh.size,
         "nonfinite_skipped": monitor.skipped,
         "rollbacks": monitor.rollbacks,
         **best.summary(),
         **{f"eval_{k}": v for k, v in eval_scalars.items()},
-        **(exp.summarize(result) if exp.summarize else {}),
+        **(run.summarize(result) if run.summarize else {}),
     }
     if workdir is not None and primary:
         with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
@@ -400,14 +729,35 @@ def _train(exp: Experiment, run: Run, workdir: str | None, callbacks) -> TrainRe
     return result
 
 
-def _finished(exp: Experiment, run: Run, state, step: int) -> TrainResult:
-    """The result of a run restored at or past `train.steps`; nothing on disk changes."""
+def _global_sample(run: Run, sample):
+    """A global batch of the feed's shapes, for counting FLOPs."""
+    if isinstance(run.batches, StepBatches):
+        return sample
+    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), run.train_step.batch_spec)
+
+
+def _evaluate_all(run: Run, state) -> dict[str, float]:
+    """The eval step's metrics over the eval data, then each custom evaluator's."""
     metrics = evaluate(
-        run.eval_step, state, run.data.eval, run.cfg.train.eval_batch_size, run.plan.replicated
+        run.eval_step, state, run.eval_data, run.cfg.train.eval_batch_size, run.plan.replicated
     )
+    if run.evaluators:
+        model = nnx.merge(run.graphdef, state.params, state.model_state)
+        model.eval()
+        for name, fn in run.evaluators.items():
+            extra = fn(model, run.eval_data)
+            if not isinstance(extra, Mapping):
+                raise TypeError(f"evaluator {name!r} returned {type(extra).__name__}, not a dict")
+            metrics.update({k: float(v) for k, v in extra.items()})
+    return metrics
+
+
+def _finished(run: Run, state, step: int) -> TrainResult:
+    """The result of a run restored at or past `train.steps`; nothing on disk changes."""
+    metrics = _evaluate_all(run, state) if run.eval_data is not None else {}
     result = TrainResult(state, run.graphdef, run.policy, run.data, {}, metrics, [], 0.0)
     result.summary = {
-        "experiment": exp.name,
+        "experiment": run.name,
         "steps": run.cfg.train.steps,
         "resumed_from": step,
         "note": f"already trained to step {step}; raise train.steps to continue",
@@ -416,18 +766,21 @@ def _finished(exp: Experiment, run: Run, state, step: int) -> TrainResult:
     return result
 
 
-def evaluate_workdir(exp: Experiment, workdir: str, devices=None) -> tuple[int, dict[str, float]]:
-    """Restore the newest checkpoint in `workdir` and evaluate it on the held-out split."""
+def evaluate_workdir(
+    exp: Experiment, workdir: str, devices=None, step: int | str | None = None
+) -> tuple[int, dict[str, float]]:
+    """Restore a checkpoint of `workdir` (newest, `"best"` or a step) onto abstract shapes and
+    evaluate it on the held-out split."""
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir} does not exist: pass the --workdir of a trained run")
-    run = build(exp, devices)
-    ckpt = Checkpointer(ckpt_dir)
+    run = build(exp, devices, abstract=True)
+    ckpt = Checkpointer(ckpt_dir, best_metric=run.cfg.train.best_metric or "loss",
+                        best_mode=run.cfg.train.best_mode)  # fmt: skip
     try:
-        state, _ = ckpt.restore(run.state)
+        state, _ = ckpt.restore(run.state, step)
     finally:
         ckpt.close()
-    metrics = evaluate(
-        run.eval_step, state, run.data.eval, run.cfg.train.eval_batch_size, run.plan.replicated
-    )
+    with jax.set_mesh(run.plan.mesh):
+        metrics = _evaluate_all(run, state)
     return int(jax.device_get(state.step)), metrics

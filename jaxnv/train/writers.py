@@ -39,10 +39,11 @@ class JsonlWriter:
 class TensorBoardWriter:
     """Scalars under `split/name` in a TensorBoard event file (tensorboardX)."""
 
-    def __init__(self, logdir: str):
+    def __init__(self, logdir: str, purge_step: int | None = None):
         from tensorboardX import SummaryWriter
 
-        self._w = SummaryWriter(logdir)
+        # purge_step: TensorBoard discards this run's earlier points at or after it (a resume)
+        self._w = SummaryWriter(logdir, purge_step=purge_step)
 
     def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
         for k, v in scalars.items():
@@ -88,14 +89,22 @@ class Writers:
 
     @classmethod
     def open(
-        cls, workdir: str | None, total_steps: int, *, tensorboard=True, progress=True, console=True
+        cls,
+        workdir: str | None,
+        total_steps: int,
+        *,
+        tensorboard=True,
+        progress=True,
+        console=True,
+        purge_step: int | None = None,
     ):
         writers: list[Any] = [ProgressWriter(total_steps, enabled=progress)] if console else []
         if workdir is not None:
             os.makedirs(workdir, exist_ok=True)
             writers.append(JsonlWriter(os.path.join(workdir, "metrics.jsonl")))
             if tensorboard:
-                writers.append(TensorBoardWriter(os.path.join(workdir, "tensorboard")))
+                tb_dir = os.path.join(workdir, "tensorboard")
+                writers.append(TensorBoardWriter(tb_dir, purge_step))
         return cls(writers)
 
     def start_at(self, step: int) -> None:
