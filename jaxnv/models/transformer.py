@@ -410,6 +410,7 @@ def _make_generate(graphdef, num_new_tokens: int, temperature: float, top_k: int
 
     def run(params, model_state, prompt, rng):
         model = nnx.merge(graphdef, params, model_state)
+        model.eval()  # NNX's eval mode: no dropout
         B, T0 = prompt.shape
         if top_k is not None and not 1 <= top_k <= model.vocab_size:
             raise ValueError(f"top_k={top_k} must lie in [1, vocab_size={model.vocab_size}]")
