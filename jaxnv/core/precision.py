@@ -194,6 +194,29 @@ def get_policy(spec: str | Policy | None, devices=None) -> Policy:
     return Policy.from_string(spec)
 
 
+def accumulating_dtype(dtype, backend: str | None = None) -> jnp.dtype:
+    """The operand dtype for a matmul that accumulates in float32 on `backend` (default: JAX's).
+
+    XLA:CPU has no float16 x float16 -> float32 dot, so there float16 operands are upcast to
+    float32 (the same float32 accumulation, from the same float16 values); every other case keeps
+    `dtype`, and GPUs keep the fast float16 path.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float16 and (backend or jax.default_backend()) == "cpu":
+        return jnp.dtype(jnp.float32)
+    return dtype
+
+
+def backend_notes(policy: Policy, backend: str | None = None) -> list[str]:
+    """One line for each operation that this backend computes in another form under `policy`."""
+    if accumulating_dtype(policy.compute_dtype, backend) != policy.compute_dtype:
+        return [
+            "precision: attention upcasts its float16 operands to float32 on the CPU (XLA:CPU has "
+            "no float16 matmul with float32 accumulation); other matmuls stay float16"
+        ]
+    return []
+
+
 def cast_floating(tree, dtype):
     """Casts the floating leaves of `tree` to `dtype`; int, bool and key leaves are untouched.
 

@@ -82,6 +82,11 @@ class Step:
         return self.fn(state, batch)
 
 
+class LossFnError(ValueError):
+    """A loss function or model that breaks the step's contract (what it returns, the variables
+    it keeps); its message names the fix."""
+
+
 def _merge(graphdef, policy: Policy, params, model_state, *, train: bool):
     model = nnx.merge(graphdef, policy.cast_to_compute(params), model_state)
     if train:  # NNX's own switch: Dropout.deterministic, BatchNorm.use_running_average
@@ -98,7 +103,7 @@ def _call_loss(loss_fn, model, batch, rng):
     out = loss_fn(model, batch, rng)
     if isinstance(out, tuple) and not isinstance(out, Weighted):
         if len(out) != 2 or not isinstance(out[1], dict):
-            raise TypeError(
+            raise LossFnError(
                 "loss_fn returned a tuple that is not (loss, aux): return a scalar loss, or "
                 "(loss, aux) with aux a dict of scalar metrics"
             )
@@ -109,7 +114,7 @@ def _call_loss(loss_fn, model, batch, rng):
         total = jnp.asarray(loss.total, jnp.float32)
         weight = jax.lax.stop_gradient(jnp.asarray(loss.weight, jnp.float32))
         if total.ndim or weight.ndim:
-            raise ValueError(
+            raise LossFnError(
                 f"Weighted(total {total.shape}, weight {weight.shape}) must hold two scalars: sum "
                 "the per-element losses and their weights (losses.weighted_mean does both)"
             )
@@ -117,13 +122,13 @@ def _call_loss(loss_fn, model, batch, rng):
     else:
         mean, weight = jnp.asarray(loss, jnp.float32), None
         if mean.ndim:
-            raise ValueError(
+            raise LossFnError(
                 f"loss_fn returned a loss of shape {mean.shape}, not a scalar: reduce it (.mean()),"
                 " or return losses.weighted_mean(per_element_losses, mask) for an exact mean"
             )
     bad = [k for k, v in aux.items() if jnp.ndim(v)]
     if bad:
-        raise ValueError(f"aux metrics {bad} are not scalars: reduce each to one number")
+        raise LossFnError(f"aux metrics {bad} are not scalars: reduce each to one number")
     return mean, weight, aux
 
 
@@ -131,7 +136,7 @@ def _carried(model, model_state):
     """The model's non-param state after a call, checked to keep the structure it came in with."""
     new = nnx.to_pure_dict(nnx.state(model, CARRIED))
     if jax.tree.structure(new) != jax.tree.structure(model_state):
-        raise ValueError(
+        raise LossFnError(
             "the model added or removed variables while it ran: keep non-param state fixed "
             "(create it in __init__), and sow intermediates as nnx.Intermediate"
         )
@@ -324,6 +329,8 @@ def check_batch_fits(graphdef, loss_fn, policy, state, batch_spec) -> None:
     step = make_eval_step(graphdef, loss_fn, policy).fn
     try:
         jax.eval_shape(step, state, batch_spec)
+    except LossFnError:
+        raise  # the loss's own mistake, already one line naming the fix: not the batch's
     except (TypeError, ValueError) as err:
         leaves = jax.tree_util.tree_flatten_with_path(batch_spec)[0]
         shapes = ", ".join(_describe(p, x) for p, x in leaves)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxnv.core.precision import Policy, get_policy
+from jaxnv.core.precision import Policy, accumulating_dtype, get_policy
 from jaxnv.models.mlp import get_activation
 
 REMAT_POLICIES = {
@@ -128,6 +128,10 @@ class Attention(nnx.Module):
         q, k, v = (t[:, :, 0] for t in jnp.split(qkv, 3, axis=2))  # (B, T, N, H) each
         q = apply_rope(q, positions, self.rope_theta)
         k = apply_rope(k, positions, self.rope_theta)
+        # attention accumulates in float32; float16 operands are upcast where the backend lacks
+        # that dot (the CPU), and the output comes back in the compute dtype
+        op = accumulating_dtype(dtype)
+        q, k, v = q.astype(op), k.astype(op), v.astype(op)
         if cache is None:
             y = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, N, H)
         else:
@@ -140,7 +144,8 @@ class Attention(nnx.Module):
             cache = {"k": k, "v": v}  # (B, L, N, H) each
             slots = jnp.arange(k.shape[1], dtype=positions.dtype)  # (L,)
             mask = (slots[None, :] <= positions[:, None])[None, None]  # (1, 1, T, L)
-            y = jax.nn.dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask=mask)
+            y = jax.nn.dot_product_attention(q, k.astype(op), v.astype(op), mask=mask)
+        y = y.astype(dtype)
         return jnp.einsum("btnh,nhd->btd", y, self.wo[...].astype(dtype)), cache  # (B, T, D)
 
 

@@ -29,7 +29,13 @@ from jaxnv import config as config_lib
 from jaxnv.checkpoint.manager import Checkpointer
 from jaxnv.checkpoint.preemption import Preempted, PreemptionGuard
 from jaxnv.core.optim import OptimizerConfig, make_optimizer, make_schedule
-from jaxnv.core.precision import DynamicLossScale, Policy, get_policy, make_loss_scale
+from jaxnv.core.precision import (
+    DynamicLossScale,
+    Policy,
+    backend_notes,
+    get_policy,
+    make_loss_scale,
+)
 from jaxnv.core.state import (
     TrainState,
     abstract_model,
@@ -600,9 +606,10 @@ def _steps(run, workdir, callbacks, ckpt, best, state, start, restored) -> Train
         # collectives are read from a compiled step: only worth a compilation on a real mesh
         many = run.plan.mesh.size > 1
         print(format_report(run, compile_step(run) if many else None), flush=True)
-    note = run.plan.unnamed_note()
-    if primary and note:
-        print(note, flush=True)
+    notes = [run.plan.unnamed_note(), *backend_notes(run.policy)]
+    for note in notes if primary else ():
+        if note:
+            print(note, flush=True)
     flops, peak = _flops_and_peak(log, run, state, _global_sample(run, first))
     history: list[dict[str, Any]] = []
 

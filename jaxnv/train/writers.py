@@ -42,8 +42,11 @@ class TensorBoardWriter:
     def __init__(self, logdir: str, purge_step: int | None = None):
         from tensorboardX import SummaryWriter
 
-        # purge_step: TensorBoard discards this run's earlier points at or after it (a resume)
-        self._w = SummaryWriter(logdir, purge_step=purge_step)
+        # purge_step: TensorBoard discards this run's earlier points at or after it (a resume).
+        # Event files are named by the second they were created in: the suffix keeps a resume
+        # in the same second from overwriting the earlier file, and sorts it after that file.
+        suffix = f".{purge_step or 0:012d}.{os.getpid()}"
+        self._w = SummaryWriter(logdir, purge_step=purge_step, filename_suffix=suffix)
 
     def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
         for k, v in scalars.items():
