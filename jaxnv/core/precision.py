@@ -211,8 +211,8 @@ def backend_notes(policy: Policy, backend: str | None = None) -> list[str]:
     """One line for each operation that this backend computes in another form under `policy`."""
     if accumulating_dtype(policy.compute_dtype, backend) != policy.compute_dtype:
         return [
-            "precision: attention upcasts its float16 operands to float32 on the CPU (XLA:CPU has "
-            "no float16 matmul with float32 accumulation); other matmuls stay float16"
+            "precision: a transformer's attention upcasts float16 operands to float32 on the CPU "
+            "(XLA:CPU has no float16 matmul with float32 accumulation); other matmuls stay float16"
         ]
     return []
 
