@@ -1,4 +1,5 @@
-"""Writes notebooks/02_mixed_precision, 03_language_model and 04_distributed.ipynb (no outputs).
+"""Writes notebooks/02_mixed_precision, 03_language_model, 04_distributed and
+05_your_own_model.ipynb (no outputs).
 
 Run:  .venv/bin/python notebooks/make_notebooks.py
 The notebooks are stored without outputs; `tests/test_notebooks.py` executes them, and their cells
@@ -69,8 +70,8 @@ import numpy as np
 from IPython.display import Image, display
 
 from jaxnv import apply_overrides
-from jaxnv.experiment import load_experiment
 from jaxnv.core.precision import Policy, get_policy, make_loss_scale
+from jaxnv.experiment import load_experiment
 from jaxnv.train import Callback, train
 
 notebook_start = time.perf_counter()
@@ -712,10 +713,348 @@ print(f"\nnotebook ran in {time.perf_counter() - notebook_start:.1f} s")
 ]
 
 
+# --------------------------------------------------------------------------------------------
+# 05: your own model, data and loop
+# --------------------------------------------------------------------------------------------
+
+YOUR_OWN_MODEL = [
+    md("""
+# Bring your own model, data and loop
+
+You have written your own Flax NNX model and your own loss, and your data comes from a plain
+Python generator. `jaxnv.fit` gives you jaxnv's training loop for them without its config system:
+compiled steps, evaluation, logging to `metrics.jsonl`, checkpoints and resuming.
+
+The task is a toy tagging problem on padded sequences: every real token gets a label that depends
+on the token and the one before it. This notebook runs in the test suite
+(`tests/test_notebooks.py`); it takes about 15 s on a 2-core CPU.
+"""),
+    code("""
+import json
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")  # headless; use `%matplotlib inline` when exploring
+import matplotlib.pyplot as plt
+import numpy as np
+import optax
+from flax import nnx
+from IPython.display import Image, display
+
+import jaxnv
+from jaxnv import losses
+
+notebook_start = time.perf_counter()
+tmp = tempfile.TemporaryDirectory(prefix="jaxnv_own_model_")  # everything is written in here
+workdir = os.path.join(tmp.name, "run")
+"""),
+    md("""
+## The data: padded sequences from a generator
+
+Each example is a sequence of up to 12 tokens from a vocabulary of 24; shorter sequences are
+padded with 0, and `mask` marks the real tokens. The label of a token is
+`(token + previous token) % 5`, so the model has to combine two positions.
+
+Training data is a plain generator that never ends: `fit` takes one batch from it per step.
+Evaluation data is a list of batches, because it is read again at every evaluation.
+"""),
+    code("""
+VOCAB, CLASSES, SEQ = 24, 5, 12
+
+
+def make_batch(rng, size):
+    lengths = rng.integers(3, SEQ + 1, size=size)
+    mask = np.arange(SEQ)[None, :] < lengths[:, None]
+    tokens = np.where(mask, rng.integers(1, VOCAB, size=(size, SEQ)), 0).astype(np.int32)
+    previous = np.pad(tokens, ((0, 0), (1, 0)))[:, :-1]
+    labels = np.where(mask, (tokens + previous) % CLASSES, 0).astype(np.int32)
+    return {"tokens": tokens, "labels": labels, "mask": mask.astype(np.float32)}
+
+
+def batches(seed=0, size=32):
+    rng = np.random.default_rng(seed)
+    while True:
+        yield make_batch(rng, size)
+
+
+eval_rng = np.random.default_rng(1234)
+eval_data = [make_batch(eval_rng, 64) for _ in range(4)]
+
+example = next(batches())
+print({k: (v.shape, v.dtype.name) for k, v in example.items()})
+print("tokens:", example["tokens"][0])
+print("labels:", example["labels"][0])
+print("mask:  ", example["mask"][0].astype(int))
+real = sum(b["mask"].sum() for b in eval_data)
+print(f"eval: {len(eval_data)} batches, {int(real)} real tokens of {4 * 64 * SEQ}")
+"""),
+    md("""
+## The model: plain Flax NNX
+
+An ordinary NNX module: it embeds each token and the one before it, then a hidden layer with
+`BatchNorm` and `Dropout`, and a linear layer to the 5 classes. `fit` switches the model between
+training mode (dropout on, batch statistics) and evaluation mode (no dropout, running
+statistics) for you. The padded positions are left out of the batch statistics by passing the
+mask to `BatchNorm`. `momentum=0.9` lets the running statistics catch up within a short run
+(the default 0.99 needs many hundreds of steps).
+"""),
+    code("""
+class Tagger(nnx.Module):
+    def __init__(self, rngs, vocab=VOCAB, dim=16, hidden=64, classes=CLASSES, dropout=0.1):
+        self.embed = nnx.Embed(vocab, dim, rngs=rngs)
+        self.hidden = nnx.Linear(2 * dim, hidden, rngs=rngs)
+        self.norm = nnx.BatchNorm(hidden, momentum=0.9, rngs=rngs)
+        self.drop = nnx.Dropout(dropout, rngs=rngs)
+        self.out = nnx.Linear(hidden, classes, rngs=rngs)
+
+    def __call__(self, tokens, mask):
+        e = self.embed(tokens)  # (batch, seq, dim)
+        previous = jnp.pad(e, ((0, 0), (1, 0), (0, 0)))[:, :-1]  # the token before, 0 at the start
+        h = self.hidden(jnp.concatenate([e, previous], axis=-1))
+        h = self.norm(h, mask=mask[..., None] > 0)  # statistics over real tokens only
+        return self.out(self.drop(jax.nn.relu(h)))  # (batch, seq, classes) logits
+
+
+model = Tagger(nnx.Rngs(0))
+print(model(example["tokens"], example["mask"]).shape)
+"""),
+    md("""
+## The loss: a mean over real tokens only
+
+`loss_fn(model, batch, rng)` returns the loss and a dict of extra metrics. The cross-entropy is
+computed per token (`reduction="none"`), and `jaxnv.weighted_mean(per_token, mask)` turns it into
+a `Weighted(total, weight)`: the sum over real tokens and how many there are. The loop divides
+one by the other, so the loss is an exact mean over tokens, even when it adds up batches with
+different numbers of real tokens (in evaluation, across devices or micro-batches). The accuracy is
+reported next to it.
+"""),
+    code("""
+def loss_fn(model, batch, rng):
+    logits = model(batch["tokens"], batch["mask"])
+    per_token = losses.softmax_cross_entropy(logits, batch["labels"], reduction="none")
+    accuracy = losses.accuracy(logits, batch["labels"], mask=batch["mask"])
+    return jaxnv.weighted_mean(per_token, batch["mask"]), {"accuracy": accuracy}
+
+
+probe = Tagger(nnx.Rngs(1))  # a throwaway copy: calling a model in training mode updates it
+probe.eval()
+loss, aux = loss_fn(probe, example, None)
+print(loss)
+print(f"mean {float(loss.total / loss.weight):.3f}, accuracy {float(aux['accuracy']):.3f}")
+assert float(loss.weight) == example["mask"].sum()
+
+# what sits in the padding does not change the loss
+scrambled = dict(example, tokens=np.where(example["mask"] > 0, example["tokens"], 7))
+assert np.isclose(float(loss_fn(probe, scrambled, None)[0].total), float(loss.total), rtol=1e-6)
+"""),
+    md("""
+## A custom evaluator
+
+The loop evaluates `loss_fn` on the eval data. For anything else, pass `evaluators`: functions
+`fn(model, eval_data) -> dict` that get the model in evaluation mode. This one counts the right
+predictions over all real tokens by hand and the sequences that are right at every token.
+"""),
+    code("""
+def tagging_accuracy(model, data):
+    right = tokens = whole = sequences = 0.0
+    for batch in data:
+        pred = jnp.argmax(model(batch["tokens"], batch["mask"]), axis=-1)
+        correct = (pred == batch["labels"]) | (batch["mask"] == 0)  # padding counts as right
+        right += float(jnp.sum(correct * batch["mask"]))
+        tokens += float(jnp.sum(batch["mask"]))
+        whole += float(jnp.sum(jnp.all(correct, axis=-1)))
+        sequences += len(batch["tokens"])
+    return {"token_accuracy": right / tokens, "sequence_accuracy": whole / sequences}
+"""),
+    md("""
+## Train
+
+`fit` runs 150 steps of AdamW, logs the mean of every 10 steps, evaluates every 50 and saves a
+checkpoint every 50 into `workdir`. A generator's position cannot be saved in a checkpoint, so
+`on_resume="skip"` says what to do when we resume later: start a fresh generator and skip the
+batches already used. A `Callback` can watch the run; this one notes the checkpoints (others stop
+a run early, like `jaxnv.EarlyStopping`).
+"""),
+    code("""
+class SavedSteps(jaxnv.Callback):
+    def __init__(self):
+        self.steps = []
+
+    def on_save(self, step, directory):
+        self.steps.append(step)
+
+
+def train(steps, callbacks=()):
+    return jaxnv.fit(
+        model,
+        loss_fn,
+        batches(),
+        steps=steps,
+        optimizer=optax.adamw(3e-3),
+        eval_data=eval_data,
+        evaluators={"acc": tagging_accuracy},
+        workdir=workdir,
+        checkpoint_every=50,
+        eval_every=50,
+        log_every=10,
+        on_resume="skip",
+        callbacks=callbacks,
+        progress=False,
+    )
+
+
+saved = SavedSteps()
+first = train(150, [saved])
+print("checkpoints at", saved.steps)
+print("last train window:", {k: round(v, 4) for k, v in first.train_metrics.items()})
+print("final evaluation: ", {k: round(v, 4) for k, v in first.eval_metrics.items()})
+
+train_rows = [r for r in first.history if r["split"] == "train"]
+assert saved.steps == [50, 100, 150]
+assert [r["step"] for r in train_rows] == list(range(10, 151, 10))
+assert first.eval_metrics["loss"] < train_rows[0]["loss"]  # it learned
+"""),
+    md("""
+## Resume with more steps
+
+Calling `fit` again on the same `workdir` with `steps=300` picks up the checkpoint at step 150:
+weights, optimizer state, random keys and BatchNorm statistics. The fresh generator is
+fast-forwarded by 150 batches, so steps 151 to 300 see the same batches as one uninterrupted run
+would. The new result's history starts after the checkpoint, and `metrics.jsonl` holds the whole
+run once.
+"""),
+    code("""
+second = train(300)
+train_rows = [r for r in second.history if r["split"] == "train"]
+print("resumed from step", second.summary["resumed_from"])
+print("first rows of the resumed run:", [(r["step"], round(r["loss"], 4)) for r in train_rows[:3]])
+
+with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f]
+logged = [r["step"] for r in rows if r["split"] == "train"]
+print(f"metrics.jsonl: {len(rows)} rows, train steps {logged[0]}..{logged[-1]}")
+
+assert second.summary["resumed_from"] == 150
+assert [r["step"] for r in train_rows] == list(range(160, 301, 10))  # continues after 150
+assert logged == list(range(10, 301, 10))  # no gaps and no duplicates
+assert [r["step"] for r in rows if r["split"] == "eval"] == [50, 100, 150, 200, 250, 300]
+"""),
+    md("""
+The proof that resuming lost nothing: the same 300 steps in one go, in a second workdir, log the
+same numbers.
+"""),
+    code("""
+straight = jaxnv.fit(
+    model,
+    loss_fn,
+    batches(),
+    steps=300,
+    optimizer=optax.adamw(3e-3),
+    eval_data=eval_data,
+    workdir=os.path.join(tmp.name, "straight"),
+    eval_every=50,
+    log_every=10,
+    progress=False,
+)
+resumed = [r["loss"] for r in rows if r["split"] == "train"]
+in_one_go = [r["loss"] for r in straight.history if r["split"] == "train"]
+print(f"largest difference in train loss: {np.max(np.abs(np.subtract(resumed, in_one_go))):.1e}")
+np.testing.assert_allclose(resumed, in_one_go, rtol=1e-6)
+np.testing.assert_allclose(second.eval_metrics["loss"], straight.eval_metrics["loss"], rtol=1e-6)
+"""),
+    md("""
+## The evaluator's numbers
+
+The custom metrics appear in every evaluation next to the loss. The token accuracy counted by
+hand agrees with the `accuracy` that `loss_fn` reports, because the loop weights each eval batch
+by its number of real tokens. Guessing would get 1 in 5 tokens right.
+"""),
+    code("""
+m = second.eval_metrics
+print({k: round(v, 4) for k, v in m.items()})
+for key in ("token_accuracy", "sequence_accuracy"):
+    assert 0.0 <= m[key] <= 1.0
+assert m["token_accuracy"] > 0.9 > 1 / CLASSES  # far above chance
+assert abs(m["token_accuracy"] - m["accuracy"]) < 1e-5
+assert m["loss"] < first.eval_metrics["loss"]  # more steps, lower eval loss
+"""),
+    md("""
+## Predict with the trained model
+
+`result.model` is your `Tagger` with the trained weights, already in evaluation mode: no dropout,
+and BatchNorm uses its running statistics, so the same input always gives the same output.
+Switched to training mode, dropout makes two calls differ.
+"""),
+    code("""
+trained = second.model
+batch = eval_data[0]
+pred = jnp.argmax(trained(batch["tokens"], batch["mask"]), axis=-1)
+n = int(batch["mask"][0].sum())
+print("tokens:   ", batch["tokens"][0, :n])
+print("predicted:", np.asarray(pred[0, :n]))
+print("labels:   ", batch["labels"][0, :n])
+
+once = trained(batch["tokens"], batch["mask"])
+again = trained(batch["tokens"], batch["mask"])
+assert np.array_equal(np.asarray(once), np.asarray(again))  # eval mode: deterministic
+assert np.array_equal(np.asarray(pred[0, :n]), batch["labels"][0, :n])
+
+trained.train()  # only to show the difference; this also updates the BatchNorm statistics
+assert not np.allclose(
+    np.asarray(trained(batch["tokens"], batch["mask"])),
+    np.asarray(trained(batch["tokens"], batch["mask"])),
+)
+"""),
+    md("""
+## Loss curves from `metrics.jsonl`
+
+Every logged row is one JSON line in `<workdir>/metrics.jsonl`: the train rows are means over 10
+steps, the eval rows the loss on the whole eval set. Any tool can read it; here, matplotlib.
+The dotted line marks where the second `fit` resumed.
+"""),
+    code("""
+train_curve = np.array([(r["step"], r["loss"]) for r in rows if r["split"] == "train"])
+eval_curve = np.array([(r["step"], r["loss"]) for r in rows if r["split"] == "eval"])
+
+fig, ax = plt.subplots(figsize=(7, 3.8))
+ax.plot(train_curve[:, 0], train_curve[:, 1], label="train (mean of 10 steps)")
+ax.plot(eval_curve[:, 0], eval_curve[:, 1], "o-", label="eval")
+ax.axvline(150, color="gray", ls=":", label="resumed")
+ax.set(xlabel="step", ylabel="cross-entropy per real token", yscale="log")
+ax.legend()
+fig.tight_layout()
+png = os.path.join(tmp.name, "loss.png")
+fig.savefig(png, dpi=80)
+plt.close(fig)
+display(Image(png))
+
+assert eval_curve[-1, 1] < train_curve[0, 1]  # eval loss ends below the first logged loss
+assert eval_curve[-1, 1] < eval_curve[0, 1]
+"""),
+    md("""
+## Clean up
+
+The workdir held the run's `config.json`, `metrics.jsonl`, `summary.json`, TensorBoard events and
+checkpoints; in your own runs, keep it to resume or to evaluate later.
+"""),
+    code("""
+print(sorted(os.listdir(workdir)))
+tmp.cleanup()
+print(f"notebook ran in {time.perf_counter() - notebook_start:.1f} s")
+"""),
+]
+
+
 if __name__ == "__main__":
     for name, cells in (
         ("02_mixed_precision", MIXED_PRECISION),
         ("03_language_model", LANGUAGE_MODEL),
         ("04_distributed", DISTRIBUTED),
+        ("05_your_own_model", YOUR_OWN_MODEL),
     ):
         print("wrote", write(name, cells))
