@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxnv.config import Config, DataConfig, LoggingConfig, ModelConfig, TrainConfig
+from jaxnv.config import Config, DataConfig, LoggingConfig, TrainConfig, TransformerConfig
 from jaxnv.core.optim import OptimizerConfig
 from jaxnv.models import generate
 
@@ -24,9 +24,7 @@ PROMPT = "The for statement"
 
 def config() -> Config:
     return Config(
-        model=ModelConfig(
-            name="transformer", num_layers=4, num_heads=4, embed_dim=128, activation="silu"
-        ),
+        model=TransformerConfig(num_layers=4, num_heads=4, embed_dim=128, activation="silu"),
         data=DataConfig(name="text", seq_len=128),
         optimizer=OptimizerConfig(
             name="adamw",

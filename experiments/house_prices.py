@@ -11,13 +11,13 @@ Features (area m2, rooms, age years, distance km) are uniform over realistic ran
 
 import numpy as np
 
-from jaxnv.config import Config, DataConfig, ModelConfig, TrainConfig
+from jaxnv.config import Config, DataConfig, LinearConfig, TrainConfig
 from jaxnv.core.optim import OptimizerConfig
 
 
 def config() -> Config:
     return Config(
-        model=ModelConfig(name="linear"),
+        model=LinearConfig(),
         data=DataConfig(name="house_prices", num_train=1000, num_eval=200, noise=0.1),
         optimizer=OptimizerConfig(name="sgd", learning_rate=0.05, momentum=0.9, schedule="cosine"),
         train=TrainConfig(steps=300, batch_size=32, eval_every=100, loss="mse"),

@@ -8,13 +8,13 @@ Time:    about 15 s on the reference 2-core CPU.
 Result:  eval mse falls from about 1.0 at the start to about 0.03 (noise floor 0.01).
 """
 
-from jaxnv.config import Config, DataConfig, ModelConfig, TrainConfig
+from jaxnv.config import Config, DataConfig, MLPConfig, TrainConfig
 from jaxnv.core.optim import OptimizerConfig
 
 
 def config() -> Config:
     return Config(
-        model=ModelConfig(name="mlp", features=(5,), activation="relu"),
+        model=MLPConfig(features=(5,), activation="relu"),
         data=DataConfig(name="regression", num_train=1000, num_eval=200, noise=0.1),
         optimizer=OptimizerConfig(name="adam", learning_rate=1e-3),
         train=TrainConfig(steps=2000, batch_size=16, eval_every=500, loss="mse"),

@@ -6,12 +6,19 @@
 Every override is type-checked against the field's annotation; an unknown key is refused with a
 "did you mean". Sections: `model`, `data`, `optimizer`, `precision`, `train`, `mesh`,
 `checkpoint`, `logging`.
+
+The `model` section is a tagged union: `model.name` picks one dataclass per model family
+(`LinearConfig`, `MLPConfig`, `CNNConfig`, `LSTMConfig`, `TransformerConfig`, registered in
+`MODEL_CONFIGS`), which holds only that model's fields. `ModelConfig(name="cnn", ...)` builds the
+family's dataclass, and the override `model.name=cnn` switches the section to `CNNConfig()`'s
+defaults before the other overrides apply.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from typing import Any
 
@@ -21,23 +28,154 @@ from jaxnv.parallel.mesh import MeshConfig
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Which model to build and its shape; `features` are hidden widths (MLP)."""
+    """The `model` section: a tagged union of one dataclass per model family, chosen by `name`.
 
-    name: str = "linear"  # linear | mlp | cnn | lstm | transformer
-    features: tuple[int, ...] = ()  # mlp: hidden widths; cnn: stage widths; lstm: layer widths
+    `ModelConfig(name="mlp", features=(64,))` returns an `MLPConfig`; the other families are
+    `LinearConfig`, `CNNConfig`, `LSTMConfig` and `TransformerConfig`. Each holds only the fields
+    its model reads. A subclass that sets a default for `name` is registered under it in
+    `MODEL_CONFIGS`, so an experiment can declare the section of its own `make_model`.
+    """
+
+    name: str = "linear"
+
+    # foreign key -> this family's key that does that job; completes the "did you mean"
+    related: typing.ClassVar[dict[str, str]] = {}
+
+    def __new__(cls, *args, **kwargs):
+        if cls is not ModelConfig:
+            return super().__new__(cls)
+        if len(args) > 1:
+            raise TypeError("ModelConfig takes `name` and the family's fields as keywords")
+        name = kwargs.get("name", args[0] if args else "linear")
+        family = model_config_class(name)
+        names = {f.name for f in dataclasses.fields(family)}
+        for key in kwargs:
+            if key not in names:
+                raise _unknown_model_key(f"model.{key}", family)
+        return super().__new__(family)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if isinstance(name, str):
+            cls._model_name = name
+            MODEL_CONFIGS[name] = cls
+
+    def __post_init__(self):
+        own = getattr(type(self), "_model_name", None)
+        if own is not None and self.name != own:
+            raise ConfigError(
+                f"{type(self).__name__} is model.name={own}, not {self.name!r}: build "
+                f"ModelConfig(name={self.name!r}, ...) or override model.name={self.name}"
+            )
+
+
+MODEL_CONFIGS: dict[str, type[ModelConfig]] = {}  # model.name -> its section's dataclass
+
+
+@dataclasses.dataclass
+class LinearConfig(ModelConfig):
+    """`model.name=linear`: one dense layer from the inputs to the outputs."""
+
+    name: str = "linear"
+    use_bias: bool = True
+
+
+@dataclasses.dataclass
+class MLPConfig(ModelConfig):
+    """`model.name=mlp`: dense layers of widths `features`, then the output layer."""
+
+    name: str = "mlp"
+    features: tuple[int, ...] = ()  # hidden widths; () is a linear model
     activation: str = "relu"
     dropout: float = 0.0
     use_bias: bool = True
-    norm: str = "batch"  # cnn: batch | group | none
-    blocks_per_stage: int = 1  # cnn
-    vocab_size: int = 0  # transformer / token lstm; 0: from the data
-    num_layers: int = 4  # transformer
-    num_heads: int = 4  # transformer
-    embed_dim: int = 256  # transformer (and the token embedding of an lstm)
-    mlp_dim: int = 0  # transformer; 0: the model's default
-    max_seq_len: int = 0  # transformer; 0: data.seq_len
-    tie_embeddings: bool = True  # transformer
-    remat: str = "none"  # transformer: none | full | dots
+
+    related = {"hidden": "features", "num_layers": "features", "embed_dim": "features"}
+
+
+@dataclasses.dataclass
+class CNNConfig(ModelConfig):
+    """`model.name=cnn`: residual stages of widths `features`, global pooling, a dense head."""
+
+    name: str = "cnn"
+    features: tuple[int, ...] = (32, 64)  # channels of each stage
+    blocks_per_stage: int = 1
+    norm: str = "batch"  # batch | group | none
+    dropout: float = 0.0
+
+    related = {
+        "channels": "features",
+        "hidden": "features",
+        "num_layers": "blocks_per_stage",
+        "embed_dim": "features",
+    }
+
+
+@dataclasses.dataclass
+class LSTMConfig(ModelConfig):
+    """`model.name=lstm`: stacked LSTM layers (one per entry of `features`, all one width)."""
+
+    name: str = "lstm"
+    features: tuple[int, ...] = (128,)  # hidden width of each layer
+    vocab_size: int = 0  # >0: token inputs through an embedding of `embed_dim`; 0: real inputs
+    embed_dim: int = 256
+
+    related = {"hidden": "features", "num_layers": "features"}
+
+
+@dataclasses.dataclass
+class TransformerConfig(ModelConfig):
+    """`model.name=transformer`: a decoder-only pre-norm transformer with RoPE and a gated MLP."""
+
+    name: str = "transformer"
+    vocab_size: int = 0  # 0: from the data
+    num_layers: int = 4
+    num_heads: int = 4
+    embed_dim: int = 256
+    mlp_dim: int = 0  # 0: the model's default
+    max_seq_len: int = 0  # 0: data.seq_len
+    activation: str = "silu"  # of the gated MLP: silu | gelu | relu | relu2
+    tie_embeddings: bool = True
+    remat: str = "none"  # none | full | dots
+    dropout: float = 0.0
+
+    related = {
+        "features": "embed_dim",
+        "hidden": "embed_dim",
+        "width": "embed_dim",
+        "layers": "num_layers",
+        "heads": "num_heads",
+    }
+
+
+def model_config_class(name: str) -> type[ModelConfig]:
+    """The dataclass of the `model` section for `model.name=name`; did-you-mean otherwise."""
+    if name in MODEL_CONFIGS:
+        return MODEL_CONFIGS[name]
+    names = list(MODEL_CONFIGS)
+    close = difflib.get_close_matches(str(name), names, n=1)
+    hint = f"did you mean '{close[0]}'? (" if close else "("
+    raise ConfigError(f"unknown model.name {name!r}: {hint}one of {', '.join(names)})")
+
+
+def _unknown_model_key(key: str, family: type[ModelConfig]) -> ConfigError:
+    """One line: the closest key of this model, and the models that do have `key`."""
+    field = key.partition(".")[2]
+    own = [f.name for f in dataclasses.fields(family) if f.name != "name"]
+    close = [family.related[field]] if family.related.get(field) in own else []
+    close = close or difflib.get_close_matches(field, own, n=1)
+    name = getattr(family, "_model_name", family.__name__)
+    hint = (
+        f": did you mean 'model.{close[0]}'?"
+        if close
+        else f", whose keys are {', '.join(own) or 'none'}"
+    )
+    others = [
+        n for n, c in MODEL_CONFIGS.items() if field in {f.name for f in dataclasses.fields(c)}
+    ]
+    where = f" ({key} belongs to model.name={'|'.join(others)})" if others else ""
+    return ConfigError(f"unknown config key '{key}' for model.name={name}{hint}{where}")
 
 
 @dataclasses.dataclass
@@ -124,18 +262,29 @@ def _fields(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _sections(cfg: Config) -> dict[str, Any]:
+    """Each section's name and current value (the `model` section's class is the chosen one)."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
 def all_keys(cfg: Config) -> list[str]:
-    """Every dotted key of a config, e.g. `train.steps`."""
+    """Every dotted key of a config, e.g. `train.steps`; `model.*` are the chosen model's."""
     return [
         f"{section}.{name}"
-        for section, sec_type in _fields(type(cfg)).items()
-        for name in _fields(sec_type)
+        for section, value in _sections(cfg).items()
+        for name in _fields(type(value))
     ]
+
+
+def _is_union(tp) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
 
 
 def _type_name(tp) -> str:
     if typing.get_origin(tp) is tuple:
         return f"a comma-separated list of {typing.get_args(tp)[0].__name__}"
+    if _is_union(tp):
+        return " or ".join(t.__name__ for t in typing.get_args(tp))
     return tp.__name__
 
 
@@ -160,12 +309,22 @@ def parse_value(key: str, text: str, tp) -> Any:
             (elem,) = typing.get_args(tp)[:1]
             body = text.strip("()[] ")
             return tuple(elem(p) for p in body.split(",") if p.strip()) if body else ()
+        if _is_union(tp):  # e.g. int | float: the first type that parses
+            for option in typing.get_args(tp):
+                try:
+                    return parse_value(key, text, option)
+                except ConfigError:
+                    pass
     except ValueError:
         pass
     raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {text!r}")
 
 
 def _check_type(key: str, value: Any, tp) -> Any:
+    if _is_union(tp):  # keeps the JSON type: 50 stays an int, 0.05 a float
+        if not isinstance(value, bool) and isinstance(value, typing.get_args(tp)):
+            return value
+        raise ConfigError(f"config key '{key}' expects {_type_name(tp)}, got {value!r}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typing.get_origin(tp) is tuple and isinstance(value, list | tuple):
@@ -182,6 +341,8 @@ def _check_type(key: str, value: Any, tp) -> Any:
 
 
 def _unknown_key(key: str, cfg: Config) -> ConfigError:
+    if key.startswith("model.") and "." not in key[6:]:
+        return _unknown_model_key(key, type(cfg.model))
     keys = all_keys(cfg)
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     if not close:  # try matching the last part only: `steps` -> `train.steps`
@@ -195,42 +356,107 @@ def _unknown_key(key: str, cfg: Config) -> ConfigError:
     return ConfigError(f"unknown config key '{key}': {hint}")
 
 
+def _switch_model(model: ModelConfig, name: Any) -> ModelConfig:
+    """`model` itself when it already is `name`'s family, else that family's defaults."""
+    if not isinstance(name, str):
+        raise ConfigError(f"config key 'model.name' expects str, got {name!r}")
+    name = name.strip()
+    return model if model.name == name else model_config_class(name)()
+
+
 def set_value(cfg: Config, key: str, value: Any) -> Config:
-    """A copy of `cfg` with dotted `key` set to `value` (type-checked; strings are parsed)."""
+    """A copy of `cfg` with dotted `key` set to `value` (type-checked; strings are parsed).
+
+    `model.name` switches the `model` section to that family's dataclass with its defaults (and
+    keeps the section as it is when it already is that family).
+    """
     section, _, name = key.partition(".")
-    sections = _fields(type(cfg))
-    if section not in sections or name not in _fields(sections[section]):
+    if key == "model.name":
+        return dataclasses.replace(cfg, model=_switch_model(cfg.model, value))
+    sections = _sections(cfg)
+    if section not in sections or name not in _fields(type(sections[section])):
         raise _unknown_key(key, cfg)
-    tp = _fields(sections[section])[name]
+    tp = _fields(type(sections[section]))[name]
     value = parse_value(key, value, tp) if isinstance(value, str) else _check_type(key, value, tp)
-    sub = dataclasses.replace(getattr(cfg, section), **{name: value})
+    sub = dataclasses.replace(sections[section], **{name: value})
     return dataclasses.replace(cfg, **{section: sub})
 
 
 def apply_overrides(cfg: Config, overrides: typing.Iterable[str]) -> Config:
-    """Apply `key=value` strings in order, e.g. `["train.steps=100"]`."""
+    """Apply `key=value` strings in order, e.g. `["train.steps=100"]`.
+
+    A `model.name=...` among them (the last one, if several) is applied first, so
+    `["model.features=8", "model.name=mlp"]` sets the MLP's features.
+    """
+    pairs = []
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not KEY=VALUE: write it like train.steps=100")
-        cfg = set_value(cfg, key.strip(), value)
+        pairs.append((key.strip(), value))
+    names = [value for key, value in pairs if key == "model.name"]
+    if names:
+        cfg = set_value(cfg, "model.name", names[-1])
+    for key, value in pairs:
+        if key != "model.name":
+            cfg = set_value(cfg, key, value)
     return cfg
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    """A JSON-ready nested dict."""
+    """A JSON-ready nested dict; the `model` section holds `name` and that model's fields."""
     return dataclasses.asdict(cfg)
 
 
+# The `model` section before it was split by family held every field below. A legacy config.json
+# still loads: a field the chosen model lacks is dropped when it holds this old default, which no
+# model read.
+_LEGACY_MODEL_DEFAULTS = {
+    "features": (),
+    "activation": "relu",
+    "dropout": 0.0,
+    "use_bias": True,
+    "norm": "batch",
+    "blocks_per_stage": 1,
+    "vocab_size": 0,
+    "num_layers": 4,
+    "num_heads": 4,
+    "embed_dim": 256,
+    "mlp_dim": 0,
+    "max_seq_len": 0,
+    "tie_embeddings": True,
+    "remat": "none",
+}
+
+
+def _legacy_default(name: str, value: Any) -> bool:
+    value = tuple(value) if isinstance(value, list) else value
+    return name in _LEGACY_MODEL_DEFAULTS and value == _LEGACY_MODEL_DEFAULTS[name]
+
+
 def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
-    """Rebuild a Config from `to_dict` output; unknown keys and wrong types are errors."""
+    """Rebuild a Config from `to_dict` output; unknown keys and wrong types are errors.
+
+    Sections and keys left out keep `base`'s values (default: `Config()`). A `model.name` that
+    differs from `base`'s starts the section from that model's defaults.
+    """
     cfg = base or Config()
     for section, values in data.items():
-        if section not in _fields(type(cfg)):
+        if section not in _sections(cfg):
             raise _unknown_key(section, cfg)
         if not isinstance(values, dict):
             raise ConfigError(f"config section '{section}' must be a mapping of keys to values")
+        if section == "model" and "name" in values:
+            cfg = set_value(cfg, "model.name", values["name"])
         for name, value in values.items():
+            if section == "model" and name == "name":
+                continue
+            if (
+                section == "model"
+                and name not in _fields(type(cfg.model))
+                and _legacy_default(name, value)
+            ):
+                continue
             cfg = set_value(cfg, f"{section}.{name}", value)
     return cfg
 

@@ -2,14 +2,21 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 
 from jaxnv.config import (
+    MODEL_CONFIGS,
+    CNNConfig,
     Config,
     ConfigError,
+    LinearConfig,
+    LSTMConfig,
+    MLPConfig,
     ModelConfig,
     TrainConfig,
+    TransformerConfig,
     all_keys,
     apply_overrides,
     from_dict,
@@ -18,6 +25,27 @@ from jaxnv.config import (
     validate,
 )
 from jaxnv.core.optim import OptimizerConfig
+
+# Each family's keys, written out by hand (the `model` section holds exactly these).
+MODEL_KEYS = {
+    "linear": {"name", "use_bias"},
+    "mlp": {"name", "features", "activation", "dropout", "use_bias"},
+    "cnn": {"name", "features", "blocks_per_stage", "norm", "dropout"},
+    "lstm": {"name", "features", "vocab_size", "embed_dim"},
+    "transformer": {
+        "name",
+        "vocab_size",
+        "num_layers",
+        "num_heads",
+        "embed_dim",
+        "mlp_dim",
+        "max_seq_len",
+        "activation",
+        "tie_embeddings",
+        "remat",
+        "dropout",
+    },
+}
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:
@@ -77,7 +105,8 @@ def test_bool_spellings(text, expected):
     [("(8, 16)", (8, 16)), ("[4]", (4,)), ("4,", (4,)), ("()", ()), ("", ())],
 )
 def test_tuple_spellings(text, expected):
-    assert apply_overrides(Config(), [f"model.features={text}"]).model.features == expected
+    cfg = apply_overrides(Config(), ["model.name=mlp", f"model.features={text}"])
+    assert cfg.model.features == expected
 
 
 def test_later_override_wins():
@@ -100,7 +129,7 @@ def test_later_override_wins():
 def test_wrong_type_is_one_line_naming_the_type(override, expected_type):
     key, _, value = override.partition("=")
     with pytest.raises(ConfigError) as err:
-        apply_overrides(Config(), [override])
+        apply_overrides(Config(model=MLPConfig()), [override])
     msg = _one_line(err)
     assert f"'{key}'" in msg
     assert f"expects {expected_type}" in msg
@@ -138,11 +167,13 @@ def test_malformed_override_says_key_value(override):
     assert "KEY=VALUE" in _one_line(err)
 
 
-def test_all_keys_are_settable_and_known():
-    cfg = Config()
+@pytest.mark.parametrize("model", ["linear", "mlp", "cnn", "lstm", "transformer"])
+def test_all_keys_are_settable_and_known(model):
+    cfg = apply_overrides(Config(), [f"model.name={model}"])
     keys = all_keys(cfg)
     assert len(keys) == len(set(keys))
-    assert {"train.steps", "precision.policy", "optimizer.name", "model.features"} <= set(keys)
+    assert {"train.steps", "precision.policy", "optimizer.name", "model.name"} <= set(keys)
+    assert {k for k in keys if k.startswith("model.")} == {f"model.{k}" for k in MODEL_KEYS[model]}
     for key in keys:  # setting every key to its own value is accepted and changes nothing
         section, name = key.split(".")
         assert set_value(cfg, key, getattr(getattr(cfg, section), name)) == cfg
@@ -159,7 +190,7 @@ def test_set_value_rejects_non_string_of_wrong_type():
 
 def _nondefault_config() -> Config:
     return Config(
-        model=ModelConfig(name="mlp", features=(32, 16), activation="gelu", dropout=0.25),
+        model=MLPConfig(features=(32, 16), activation="gelu", dropout=0.25),
         optimizer=OptimizerConfig(name="sgd", learning_rate=0.05, momentum=0.9, nesterov=True),
         train=TrainConfig(steps=77, batch_size=48, micro_batches=4, loss="bce"),
     )
@@ -170,7 +201,8 @@ def test_json_round_trip_gives_equal_config(cfg):
     text = json.dumps(to_dict(cfg))
     back = from_dict(json.loads(text))
     assert back == cfg
-    assert type(back.model.features) is tuple  # JSON lists come back as the annotated tuple
+    if isinstance(cfg.model, MLPConfig):  # JSON lists come back as the annotated tuple
+        assert type(back.model.features) is tuple
 
 
 def test_from_dict_rebuilds_on_defaults_not_on_base_fields_left_out():
@@ -193,7 +225,7 @@ def test_from_dict_wrong_type_fails():
     with pytest.raises(ConfigError, match="expects int"):
         from_dict({"train": {"steps": "many"}})
     with pytest.raises(ConfigError, match="comma-separated list of int"):
-        from_dict({"model": {"features": [1, "two"]}})
+        from_dict({"model": {"name": "mlp", "features": [1, "two"]}})
 
 
 def test_validate_accepts_defaults_and_returns_config():
@@ -228,3 +260,166 @@ def test_validate_refuses_batch_not_divisible_by_micro_batches():
     # ... and accepts it once the batch divides.
     ok = apply_overrides(cfg, ["train.batch_size=32"])
     assert validate(ok).train.batch_size == 32
+
+
+# ---- the model section: one dataclass per model family, chosen by model.name -------------------
+
+
+def test_model_config_builds_the_named_family_with_its_defaults():
+    assert type(ModelConfig()) is LinearConfig and Config().model == LinearConfig()
+    tf = ModelConfig(name="transformer", num_layers=2)
+    assert type(tf) is TransformerConfig and isinstance(tf, ModelConfig)
+    assert (tf.num_layers, tf.num_heads, tf.embed_dim, tf.activation) == (2, 4, 256, "silu")
+    assert ModelConfig(name="mlp", features=(8,)) == MLPConfig(features=(8,))
+    # the widths the models fell back to before are now the sections' own defaults
+    assert CNNConfig().features == (32, 64) and LSTMConfig().features == (128,)
+    assert MLPConfig().features == () and LinearConfig().use_bias is True
+    assert set(MODEL_CONFIGS) == set(MODEL_KEYS)
+    for name, keys in MODEL_KEYS.items():
+        assert {f.name for f in dataclasses.fields(MODEL_CONFIGS[name])} == keys
+        assert MODEL_CONFIGS[name]().name == name
+    with pytest.raises(ConfigError, match="model.name=mlp, not 'cnn'"):
+        dataclasses.replace(MLPConfig(), name="cnn")  # the tag cannot drift from the class
+
+
+def test_model_config_refuses_a_key_of_another_family():
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(name="linear", features=(8,))
+    msg = _one_line(err)
+    assert "unknown config key 'model.features' for model.name=linear" in msg
+    assert "use_bias" in msg and "mlp|cnn|lstm" in msg
+
+
+def test_model_features_on_the_transformer_suggests_one_of_its_keys():
+    cfg = Config(model=TransformerConfig())
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(cfg, ["model.features=8"])
+    msg = _one_line(err)
+    assert msg.startswith("unknown config key 'model.features' for model.name=transformer: ")
+    suggested = re.findall(r"did you mean 'model\.(\w+)'\?", msg)
+    assert suggested == ["embed_dim"] and suggested[0] in MODEL_KEYS["transformer"]
+
+
+@pytest.mark.parametrize(
+    ("model", "override", "suggestion"),
+    [
+        ("transformer", "model.num_layer=2", "num_layers"),
+        ("transformer", "model.heads=2", "num_heads"),
+        ("cnn", "model.channels=8", "features"),
+        ("mlp", "model.activaton=gelu", "activation"),
+    ],
+)
+def test_unknown_model_key_suggests_among_the_models_keys(model, override, suggestion):
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(Config(), [f"model.name={model}", override])
+    assert f"did you mean 'model.{suggestion}'?" in _one_line(err)
+
+
+def test_unknown_model_name_suggests_among_the_names():
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(Config(), ["model.name=trasnformer"])
+    msg = _one_line(err)
+    assert "unknown model.name 'trasnformer'" in msg and "did you mean 'transformer'?" in msg
+    assert all(name in msg for name in MODEL_KEYS)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.name=cnn", "model.features=8,16"],
+        ["model.features=8,16", "model.name=cnn"],  # model.name is applied first wherever it is
+        ["model.name=mlp", "model.features=8,16", "model.name=cnn"],  # the last one wins
+        ["train.steps=5", "model.features=8,16", "model.name=cnn", "train.steps=9"],
+    ],
+)
+def test_model_name_switches_the_section(overrides):
+    start = Config(model=MLPConfig(features=(64,), dropout=0.5))
+    cfg = apply_overrides(start, overrides)
+    assert type(cfg.model) is CNNConfig
+    assert dataclasses.asdict(cfg.model) == {
+        "name": "cnn",
+        "features": (8, 16),
+        "blocks_per_stage": 1,
+        "norm": "batch",
+        "dropout": 0.0,  # the MLP's 0.5 is not carried over: the section starts from defaults
+    }
+    assert start.model == MLPConfig(features=(64,), dropout=0.5)  # the input is not mutated
+
+
+def test_naming_the_current_model_keeps_its_section():
+    cfg = Config(model=TransformerConfig(num_layers=2, embed_dim=64))
+    assert apply_overrides(cfg, ["model.name=transformer"]) == cfg
+    out = apply_overrides(cfg, ["model.num_heads=2", "model.name=transformer"])
+    assert out.model == TransformerConfig(num_layers=2, embed_dim=64, num_heads=2)
+
+
+def test_a_key_of_the_previous_model_fails_after_a_switch():
+    with pytest.raises(ConfigError, match="for model.name=transformer"):
+        apply_overrides(Config(model=MLPConfig()), ["model.name=transformer", "model.features=8"])
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        LinearConfig(use_bias=False),
+        MLPConfig(features=(8, 4), activation="tanh", dropout=0.1),
+        CNNConfig(features=(8,), blocks_per_stage=2, norm="group", dropout=0.2),
+        LSTMConfig(features=(16, 16), vocab_size=40, embed_dim=8),
+        TransformerConfig(num_layers=1, num_heads=2, embed_dim=32, remat="dots", mlp_dim=48),
+    ],
+    ids=lambda m: m.name,
+)
+@pytest.mark.parametrize("base", [None, Config(model=TransformerConfig(num_layers=7))])
+def test_each_model_section_round_trips_through_json(model, base):
+    cfg = Config(model=model, train=TrainConfig(steps=11))
+    data = json.loads(json.dumps(to_dict(cfg)))
+    assert set(data["model"]) == MODEL_KEYS[model.name]  # plain data holding only its fields
+    back = from_dict(data, base)
+    assert back == cfg and type(back.model) is type(model)
+
+
+def test_from_dict_model_name_must_be_a_string():
+    with pytest.raises(ConfigError, match="'model.name' expects str"):
+        from_dict({"model": {"name": 3}})
+
+
+def test_a_config_json_with_the_old_flat_model_section_loads():
+    """Before the split, `model` held every family's fields: a char_gpt run's config.json."""
+    old = {
+        "name": "transformer",
+        "features": [],
+        "activation": "silu",
+        "dropout": 0.0,
+        "use_bias": True,
+        "norm": "batch",
+        "blocks_per_stage": 1,
+        "vocab_size": 0,
+        "num_layers": 4,
+        "num_heads": 4,
+        "embed_dim": 128,
+        "mlp_dim": 0,
+        "max_seq_len": 0,
+        "tie_embeddings": True,
+        "remat": "none",
+    }
+    back = from_dict({"model": old, "train": {"steps": 400}})
+    want = TransformerConfig(num_layers=4, num_heads=4, embed_dim=128, activation="silu")
+    assert back.model == want and back.train.steps == 400
+    # a field of another model that was not at its old default did mean something: refused
+    with pytest.raises(ConfigError, match="'model.features' for model.name=transformer"):
+        from_dict({"model": {**old, "features": [8]}})
+
+
+def test_an_experiment_can_declare_its_own_model_section():
+    @dataclasses.dataclass
+    class TinyConfig(ModelConfig):
+        name: str = "tiny_test_model"
+        width: int = 3
+
+    try:
+        cfg = apply_overrides(Config(), ["model.name=tiny_test_model", "model.width=5"])
+        assert cfg.model == TinyConfig(width=5)
+        assert ModelConfig(name="tiny_test_model") == TinyConfig()
+        assert from_dict(json.loads(json.dumps(to_dict(cfg)))) == cfg
+    finally:
+        MODEL_CONFIGS.pop("tiny_test_model")

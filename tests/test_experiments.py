@@ -6,6 +6,8 @@ The runs are shared across the tests of this module (one `train` per experiment)
 import json
 import math
 import os
+import subprocess
+import sys
 import textwrap
 
 import jax
@@ -312,3 +314,98 @@ def test_accumulate_steps_schedule_spans_the_updates_that_happen(tmp_path):
     rates = [r["learning_rate"] for r in result.history if r["split"] == "train"]
     peak = exp.config.optimizer.learning_rate
     assert rates[-1] < 0.1 * peak  # the cosine reached its end, not a quarter of the way
+
+
+# ---- the typed model section of every experiment --------------------------------------------
+
+# Written out by hand: each experiment's model and the keys `--print-config` shows for it.
+LINEAR = {"name", "use_bias"}
+MLP = {"name", "features", "activation", "dropout", "use_bias"}
+MODEL_SECTIONS = {
+    "house_prices": ("linear", LINEAR),
+    "binary_classification": ("mlp", MLP),
+    "mlp_regression": ("mlp", MLP),
+    "digits_cnn": ("cnn", {"name", "features", "blocks_per_stage", "norm", "dropout"}),
+    "sequence_lstm": ("lstm", {"name", "features", "vocab_size", "embed_dim"}),
+    "char_gpt": (
+        "transformer",
+        {
+            "name",
+            "vocab_size",
+            "num_layers",
+            "num_heads",
+            "embed_dim",
+            "mlp_dim",
+            "max_seq_len",
+            "activation",
+            "tie_embeddings",
+            "remat",
+            "dropout",
+        },
+    ),
+}
+
+
+def test_every_experiment_has_its_model_section_written_down():
+    assert set(MODEL_SECTIONS) == set(available_experiments())
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_SECTIONS))
+def test_print_config_shows_only_the_models_fields(name):
+    """What `--print-config` prints (`json.dumps(to_dict(cfg))`) holds the model's fields only."""
+    model, keys = MODEL_SECTIONS[name]
+    cfg = load_experiment(name).config
+    printed = json.loads(json.dumps(config_lib.to_dict(cfg), indent=2))
+    assert printed["model"]["name"] == model
+    assert set(printed["model"]) == keys
+    assert {k for k in config_lib.all_keys(cfg) if k.startswith("model.")} == {
+        f"model.{k}" for k in keys
+    }
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_SECTIONS))
+def test_every_experiments_config_round_trips_through_json(name):
+    cfg = load_experiment(name).config
+    back = config_lib.from_dict(json.loads(json.dumps(config_lib.to_dict(cfg))))
+    assert back == cfg and type(back.model) is type(cfg.model)
+    # ... also when read on top of another experiment's config
+    other = load_experiment("char_gpt" if name != "char_gpt" else "house_prices").config
+    assert config_lib.from_dict(config_lib.to_dict(cfg), base=other) == cfg
+
+
+def _cli(args, cwd):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "jaxnv.cli", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_model_name_on_the_command_line_switches_the_printed_section(tmp_path):
+    proc = _cli(
+        ["train", "house_prices", "--print-config", "model.features=8", "model.name=mlp"], tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["model"] == {
+        "name": "mlp",
+        "features": [8],
+        "activation": "relu",
+        "dropout": 0.0,
+        "use_bias": True,
+    }
+    proc = _cli(["train", "char_gpt", "--print-config", "model.features=8"], tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(
+        "jaxnv: error: unknown config key 'model.features' for model.name=transformer: "
+        "did you mean 'model.embed_dim'?"
+    )
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_switched_model_is_the_one_built():
+    from jaxnv.train import build
+
+    exp = _load("house_prices", "model.name=mlp", "model.features=8")
+    params = build(exp, abstract=True).state.params
+    params = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+    assert set(params) == {"hidden", "head"} and params["hidden"][0]["kernel"].shape == (4, 8)

@@ -348,8 +348,8 @@ CONFIG_ERRORS = {
     "schedule": (dict(schedule="cosin"), ["unknown schedule 'cosin'", "did you mean 'cosine'"]),
     "decay_mask": (dict(decay_mask="autoo"), ["did you mean 'auto'"]),
     "negative_lr": (dict(learning_rate=-1.0), ["learning_rate=-1.0", ">= 0"]),
-    "warmup_cosine": (dict(schedule="cosine", warmup_steps=200), ["warmup_steps=200", "lower"]),
-    "warmup_constant": (dict(warmup_steps=101), ["warmup_steps=101", "lower"]),
+    "warmup_fraction": (dict(warmup_steps=1.5), ["warmup_steps=1.5", "fraction in (0, 1)"]),
+    "warmup_negative": (dict(warmup_steps=-0.5), ["warmup_steps=-0.5", "negative"]),
     "nesterov": (dict(name="sgd", nesterov=True), ["nesterov needs momentum"]),
     "momentum": (dict(momentum=0.9), ["optimizer.momentum applies only to sgd"]),
     "accumulate": (dict(accumulate_steps=0), ["accumulate_steps=0", ">= 1"]),
@@ -371,3 +371,108 @@ def test_decaying_schedule_needs_a_length():
     with pytest.raises(ValueError, match="decay_steps"):
         make_schedule(OptimizerConfig(schedule="linear"), total_steps=0)
     assert float(make_schedule(OptimizerConfig(), total_steps=0)(10)) == pytest.approx(1e-3)
+
+
+# ---- warmup: clamped when the run is shorter, or a fraction of the steps ----------------------
+
+
+def _values(fn, steps):
+    return np.array([float(fn(s)) for s in steps])
+
+
+def _warning_lines(capsys):
+    err = capsys.readouterr().err
+    return [line for line in err.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(("total", "clamped"), [(20, 2), (50, 5), (35, 3), (7, 0)])
+def test_warmup_longer_than_the_run_is_clamped_to_a_tenth_with_one_line(capsys, total, clamped):
+    cfg = OptimizerConfig(
+        learning_rate=3e-3, schedule="cosine", warmup_steps=50, end_learning_rate=1e-4
+    )
+    fn = make_schedule(cfg, total)
+    # by hand: optax's own warmup + cosine with `clamped` = floor(10 % of total) warmup steps
+    if clamped:
+        want = optax.warmup_cosine_decay_schedule(0.0, 3e-3, clamped, total, 1e-4)
+    else:
+        want = optax.cosine_decay_schedule(3e-3, total, alpha=1e-4 / 3e-3)
+    steps = list(range(total + 5))
+    np.testing.assert_allclose(_values(fn, steps), _values(want, steps), rtol=1e-6, atol=1e-12)
+    lines = _warning_lines(capsys)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("jaxnv: warning: optimizer.warmup_steps=50 ")
+    assert f"{total} steps" in lines[0] and f"over {clamped} " in lines[0]
+
+
+def test_make_optimizer_clamps_the_same_warmup_silently(capsys):
+    """`train` builds both; the line comes once, from make_schedule."""
+    cfg = OptimizerConfig(name="sgd", learning_rate=1.0, schedule="linear", warmup_steps=30)
+    tx = make_optimizer(cfg, 20)
+    assert _warning_lines(capsys) == []
+    params = {"w": jnp.zeros(())}
+    state = tx.init(params)
+    lrs = []
+    for _ in range(6):  # sgd without momentum: the update is -lr * grad, grad = 1
+        updates, state = tx.update({"w": jnp.ones(())}, state, params)
+        lrs.append(-float(updates["w"]))
+    # warmup of 2 (10 % of 20) from 0 to 1, then linear to 0 at step 20: 1 - (s - 2) / 18
+    want = [0.0, 0.5, 1.0, 1 - 1 / 18, 1 - 2 / 18, 1 - 3 / 18]
+    np.testing.assert_allclose(lrs, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "total"),
+    [
+        (dict(schedule="cosine", warmup_steps=50), 50),  # equal: no step left to decay
+        (dict(schedule="constant", warmup_steps=101), 100),
+        (dict(schedule="linear", warmup_steps=40, decay_steps=30), 1000),  # decay_steps counts
+    ],
+)
+def test_every_warmup_that_does_not_fit_warns(capsys, cfg, total):
+    make_schedule(OptimizerConfig(**cfg), total)
+    assert len(_warning_lines(capsys)) == 1
+
+
+def test_warmup_that_fits_is_kept_without_a_word(capsys):
+    make_schedule(OptimizerConfig(schedule="cosine", warmup_steps=19), 20)
+    make_schedule(OptimizerConfig(warmup_steps=20), 20)  # constant: a ramp over the whole run
+    make_schedule(OptimizerConfig(warmup_steps=500), 0)  # constant, no length: nothing to fit
+    assert _warning_lines(capsys) == []
+
+
+@pytest.mark.parametrize(("fraction", "total", "warmup"), [(0.05, 200, 10), (0.1, 35, 3)])
+def test_fractional_warmup_is_that_share_of_the_steps(capsys, fraction, total, warmup):
+    cfg = OptimizerConfig(
+        learning_rate=0.2, schedule="cosine", warmup_steps=fraction, end_learning_rate=0.01
+    )
+    want = optax.warmup_cosine_decay_schedule(0.0, 0.2, warmup, total, 0.01)
+    steps = list(range(total + 3))
+    got = _values(make_schedule(cfg, total), steps)
+    np.testing.assert_allclose(got, _values(want, steps), rtol=1e-6, atol=1e-12)
+    assert _warning_lines(capsys) == []
+
+
+def test_fractional_warmup_of_decay_steps_and_of_a_constant_schedule():
+    explicit = OptimizerConfig(
+        learning_rate=1.0, schedule="linear", warmup_steps=0.25, decay_steps=8
+    )
+    np.testing.assert_allclose(
+        _values(make_schedule(explicit, 1000), [0, 1, 2, 5, 8]), [0.0, 0.5, 1.0, 0.5, 0.0]
+    )
+    const = OptimizerConfig(learning_rate=1.0, warmup_steps=0.5)
+    np.testing.assert_allclose(
+        _values(make_schedule(const, 8), [0, 2, 4, 6]), [0.0, 0.5, 1.0, 1.0], rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="warmup_steps=0.5 is a fraction") as err:
+        make_schedule(const, 0)  # no length to take a share of
+    assert "\n" not in str(err.value)
+
+
+def test_fractional_warmup_from_the_command_line_round_trips():
+    from jaxnv.config import Config, apply_overrides, from_dict, to_dict
+
+    cfg = apply_overrides(Config(), ["optimizer.warmup_steps=0.05"])
+    assert cfg.optimizer.warmup_steps == 0.05
+    steps = apply_overrides(Config(), ["optimizer.warmup_steps=50"]).optimizer.warmup_steps
+    assert steps == 50 and type(steps) is int  # a whole number stays a count of steps
+    assert from_dict(to_dict(cfg)) == cfg

@@ -1,5 +1,10 @@
 """The model-zoo experiments reach their stated results (CPU, end to end through `train`)."""
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -53,3 +58,27 @@ def test_char_gpt_learns_below_unigram_entropy_and_samples_corpus_characters():
     greedy = module.sample(result, prompt="def ", n=40, temperature=0.0)
     assert greedy == module.sample(result, prompt="def ", n=40, temperature=0.0, seed=1)
     assert "sample" in result.summary and np.isfinite(result.summary["unigram_entropy"])
+
+
+@pytest.mark.slow
+def test_char_gpt_shorter_than_its_warmup_runs_with_one_warning_line(tmp_path):
+    """`jaxnv train char_gpt train.steps=20`: the 50-step warmup is clamped to 2, said once."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, "-m", "jaxnv.cli", "train", "char_gpt", "train.steps=20"]
+    proc = subprocess.run(
+        [*cmd, "--workdir", str(tmp_path / "run")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = (proc.stdout + proc.stderr).replace("\r", "\n").splitlines()
+    warnings = [line for line in lines if "warning" in line.lower()]
+    assert warnings == [
+        "jaxnv: warning: optimizer.warmup_steps=50 does not fit a schedule of 20 steps: "
+        "warming up over 2 steps (10% of them) instead"
+    ]
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 20

@@ -20,7 +20,10 @@ Weight decay is decoupled from the gradient statistics everywhere:
 scales or other vectors), ``"all"`` every param, ``"none"`` none.
 
 Schedules count optimizer updates: with ``accumulate_steps = k`` the learning rate at train step
-``s`` is ``make_schedule(cfg, total)(s // k)``.
+``s`` is ``make_schedule(cfg, total)(s // k)``. ``warmup_steps`` is a number of updates or a
+fraction in (0, 1) of the schedule's length; one that leaves no update to decay over (a run shorter
+than its warmup) is clamped to 10 % of the length, and ``make_schedule`` prints one
+``jaxnv: warning:`` line to stderr saying so.
 
 >>> tx = make_optimizer(OptimizerConfig(name="adamw", learning_rate=1e-3), total_steps=100)
 >>> state = tx.init({"w": jnp.ones((2, 2))})
@@ -28,6 +31,7 @@ Schedules count optimizer updates: with ``accumulate_steps = k`` the learning ra
 
 import dataclasses
 import difflib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +49,8 @@ class OptimizerConfig:
     name: str = "adamw"  # adamw | adam | sgd | lion | adafactor
     learning_rate: float = 1e-3  # peak learning rate
     schedule: str = "constant"  # constant | cosine | linear (decay after warmup)
-    warmup_steps: int = 0  # linear warmup from 0 to learning_rate
+    # linear warmup from 0 to learning_rate: a number of steps, or a fraction in (0, 1) of them
+    warmup_steps: int | float = 0
     decay_steps: int = 0  # schedule length incl. warmup; 0 = total_steps given to make_optimizer
     end_learning_rate: float = 0.0  # final lr of cosine/linear decay (absolute value)
     weight_decay: float = 0.0  # decoupled weight decay
@@ -94,6 +99,12 @@ def _validate(cfg, total_steps):
     for field in ("warmup_steps", "decay_steps"):
         if getattr(cfg, field) < 0:
             raise ValueError(f"optimizer.{field}={getattr(cfg, field)} is negative; use 0 or more")
+    warmup = cfg.warmup_steps
+    if isinstance(warmup, float) and not warmup.is_integer() and not 0.0 < warmup < 1.0:
+        raise ValueError(
+            f"optimizer.warmup_steps={warmup} is neither a whole number of steps nor a fraction "
+            "in (0, 1) of them: use e.g. 50 or 0.05"
+        )
     for field in ("b1", "b2"):
         if not 0.0 <= getattr(cfg, field) < 1.0:
             raise ValueError(f"optimizer.{field}={getattr(cfg, field)} must lie in [0, 1)")
@@ -113,22 +124,50 @@ def _validate(cfg, total_steps):
             f"optimizer.accumulate_steps={cfg.accumulate_steps} must be >= 1 (1 = no accumulation)"
         )
     steps = _decay_steps(cfg, total_steps)
-    if cfg.schedule != "constant":
-        if steps <= 0:
-            raise ValueError(
-                f"schedule {cfg.schedule!r} needs a length; set optimizer.decay_steps or pass "
-                "total_steps > 0"
-            )
-        if cfg.warmup_steps >= steps:
-            raise ValueError(
-                f"optimizer.warmup_steps={cfg.warmup_steps} leaves no room to decay in {steps} "
-                "decay steps; lower warmup_steps or raise decay_steps/total_steps"
-            )
-    elif steps > 0 and cfg.warmup_steps > steps:
+    if cfg.schedule != "constant" and steps <= 0:
         raise ValueError(
-            f"optimizer.warmup_steps={cfg.warmup_steps} exceeds the {steps} decay steps; "
-            "lower warmup_steps or raise decay_steps/total_steps"
+            f"schedule {cfg.schedule!r} needs a length; set optimizer.decay_steps or pass "
+            "total_steps > 0"
         )
+    if _is_fraction(warmup) and steps <= 0:
+        raise ValueError(
+            f"optimizer.warmup_steps={warmup} is a fraction of a schedule length that is unknown; "
+            "set optimizer.decay_steps or pass total_steps > 0"
+        )
+
+
+def _is_fraction(warmup) -> bool:
+    return isinstance(warmup, float) and 0.0 < warmup < 1.0
+
+
+CLAMPED_WARMUP = 0.1  # the share of the steps a warmup that does not fit is clamped to
+
+
+def resolve_warmup(cfg: OptimizerConfig, total_steps: int) -> tuple[int, str | None]:
+    """The warmup in optimizer updates, and a one-line note when it had to be clamped.
+
+    A fraction in (0, 1) is that share of the schedule's length (rounded down). A warmup that
+    leaves no update to decay over (``>= `` the length; ``>`` for the constant schedule) is
+    clamped to 10 % of the length (rounded down).
+
+    >>> resolve_warmup(OptimizerConfig(schedule="cosine", warmup_steps=0.05), 200)
+    (10, None)
+    >>> resolve_warmup(OptimizerConfig(schedule="cosine", warmup_steps=50), 20)[0]
+    2
+    """
+    _validate(cfg, total_steps)
+    steps = _decay_steps(cfg, total_steps)
+    if _is_fraction(cfg.warmup_steps):
+        return int(cfg.warmup_steps * steps), None
+    warmup = int(cfg.warmup_steps)
+    too_long = warmup >= steps if cfg.schedule != "constant" else warmup > steps
+    if steps <= 0 or not too_long:
+        return warmup, None
+    clamped = int(CLAMPED_WARMUP * steps)
+    return clamped, (
+        f"optimizer.warmup_steps={cfg.warmup_steps} does not fit a schedule of {steps} steps: "
+        f"warming up over {clamped} steps ({CLAMPED_WARMUP:.0%} of them) instead"
+    )
 
 
 def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -136,12 +175,20 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
 
     Linear warmup from 0 to ``learning_rate`` over ``warmup_steps``, then constant, or a cosine or
     linear decay to ``end_learning_rate`` at ``decay_steps`` (``total_steps`` when 0) updates.
+    A warmup too long for the schedule is clamped (see ``resolve_warmup``) and this prints one
+    line to stderr saying so (``make_optimizer`` clamps the same way, silently).
 
     >>> round(float(make_schedule(OptimizerConfig(schedule="linear"), total_steps=10)(5)), 8)
     0.0005
     """
-    _validate(cfg, total_steps)
-    peak, end, warmup = float(cfg.learning_rate), float(cfg.end_learning_rate), cfg.warmup_steps
+    return _schedule(cfg, total_steps, warn=True)
+
+
+def _schedule(cfg: OptimizerConfig, total_steps: int, warn: bool) -> optax.Schedule:
+    warmup, note = resolve_warmup(cfg, total_steps)
+    if note and warn:
+        print(f"jaxnv: warning: {note}", file=sys.stderr, flush=True)
+    peak, end = float(cfg.learning_rate), float(cfg.end_learning_rate)
     length = _decay_steps(cfg, total_steps) - warmup
     if cfg.schedule == "constant":
         after = optax.constant_schedule(peak)
@@ -165,7 +212,7 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
     ['clip', 'optimizer']
     """
     _validate(cfg, total_steps)
-    lr = make_schedule(cfg, total_steps)
+    lr = _schedule(cfg, total_steps, warn=False)  # a clamped warmup is reported by make_schedule
     wd = 0.0 if cfg.decay_mask == "none" else float(cfg.weight_decay)
     mask = decay_mask_fn if cfg.decay_mask == "auto" else None
 

@@ -1,4 +1,4 @@
-"""Model families; `build_model` makes one from a `ModelConfig`."""
+"""Model families; `build_model` makes one from its `model` config section (`MLPConfig`, ...)."""
 
 from __future__ import annotations
 
@@ -19,23 +19,19 @@ from jaxnv.models.transformer import Transformer, generate
 
 MODELS = ("linear", "mlp", "cnn", "lstm", "transformer")
 
-# Params carry logical axis names; jaxnv places them with jit out_shardings, never eagerly, so
-# models can be built with or without a mesh in scope.
-nnx.use_eager_sharding(False)
-
 
 def build_model(
     cfg: ModelConfig, in_features: int, out_features: int, policy: Policy, rngs: nnx.Rngs
 ) -> nnx.Module:
     """The model `cfg.name` for inputs of `in_features` and `out_features` outputs.
 
-    For images (`cnn`) `in_features` is the channel count. For the transformer it is the sequence
-    length of the data and `out_features` the vocabulary size (both used unless
-    `cfg.max_seq_len` / `cfg.vocab_size` are set).
+    `cfg` is the family's section of `jaxnv.config` (`LinearConfig`, `MLPConfig`, `CNNConfig`,
+    `LSTMConfig`, `TransformerConfig`); the dispatch reads its `name` tag. For images (`cnn`)
+    `in_features` is the channel count. For the transformer it is the sequence length of the data
+    and `out_features` the vocabulary size (both used unless `cfg.max_seq_len` / `cfg.vocab_size`
+    are set).
     """
     if cfg.name == "linear":
-        if cfg.features:
-            raise ValueError("model.features is for model.name=mlp; a linear model has none")
         return Linear(in_features, out_features, use_bias=cfg.use_bias, policy=policy, rngs=rngs)
     if cfg.name == "mlp":
         return MLP(
@@ -90,7 +86,10 @@ def build_model(
         )
     close = difflib.get_close_matches(cfg.name, MODELS, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise ValueError(f"unknown model.name {cfg.name!r}: use one of {', '.join(MODELS)}{hint}")
+    raise ValueError(
+        f"unknown model.name {cfg.name!r}: use one of {', '.join(MODELS)}{hint}, or define "
+        "make_model in the experiment"
+    )
 
 
 __all__ = [
