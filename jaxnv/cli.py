@@ -8,16 +8,28 @@
     jaxnv bench [NAME [--quick] [--repeats R] [--no-append] ...]
     jaxnv info
 
+`eval`, `export` and a resume (`train` on a workdir with checkpoints) start from the workdir's
+`config.json`, the config it was trained with; KEY=VALUE overrides apply on top, and on a resume
+one warning line names those that change the run.
+
+An error in the user's own code (an experiment file or a module it imports, its model, loss or
+data) prints the traceback of the user's frames only, then `jaxnv: error: Type: message` (exit
+1); a mistake in the configuration, a path, the data's shapes or the command line is one line
+naming the fix (exit 2). `jaxnv --traceback ...` or `JAXNV_TRACEBACK=full` prints every frame.
+
 `JAXNV_CPU_DEVICES=N` simulates N CPU devices (set before JAX starts).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import signal
 import sys
 import time
+import traceback
 
 
 def _setup_devices() -> None:
@@ -37,7 +49,10 @@ def cmd_train(args) -> int:
     from jaxnv.train.loop import train
 
     exp = load_experiment(args.experiment)
-    exp.config = config_lib.validate(config_lib.apply_overrides(exp.config, args.overrides))
+    # a resume goes on from the run's own config.json; a new run (or one stopped before its
+    # first checkpoint) starts from the experiment's
+    resume = args.workdir if args.workdir and _has_checkpoints(args.workdir) else None
+    exp.config, changed = workdir_config(exp.config, resume, args.overrides)
     if args.print_config:
         print(json.dumps(config_lib.to_dict(exp.config), indent=2))
         return 0
@@ -63,21 +78,108 @@ def cmd_train(args) -> int:
         name = time.strftime("%Y%m%d-%H%M%S", time.localtime(stamp))
         workdir = os.path.join("runs", exp.name, name)
     primary = jax.process_index() == 0
+    if primary and changed:
+        print(
+            f"jaxnv: warning: resuming {workdir} with changes to its config.json: "
+            f"{'; '.join(changed)} (the run goes on differently from how its checkpoints were "
+            "trained)",
+            file=sys.stderr,
+            flush=True,
+        )
     if primary:
         print(f"jaxnv: training {exp.name} in {workdir}", flush=True)
+    started = time.perf_counter()
     result = train(exp, workdir=workdir)
     if primary:
-        print("jaxnv: summary " + json.dumps(result.summary, default=float))
+        print(_human_summary(result.summary, workdir, time.perf_counter() - started), flush=True)
     return 0
 
 
-def cmd_eval(args) -> int:
+_SUMMARY_KEYS = {  # shown in the first line, or not at all (all of them are in summary.json)
+    "experiment", "steps", "resumed_from", "params", "precision", "seconds", "flops_per_step",
+    "nonfinite_skipped", "rollbacks", "best_step", "note",
+}  # fmt: skip
+
+
+def _human_summary(summary: dict, workdir: str, seconds: float) -> str:
+    """A few lines for people: what ran, the final eval metrics, the experiment's own lines, and
+    where the files are (the whole summary is in summary.json)."""
+    resumed = summary.get("resumed_from") or 0
+    head = f"jaxnv: done in {seconds:.1f} s: {summary.get('experiment')}, step {summary['steps']}"
+    head += f" (resumed from {resumed})" if resumed else ""
+    evals = {k[5:]: v for k, v in summary.items() if k.startswith("eval_")}
+    if evals:
+        head += "; eval " + ", ".join(f"{k}={v:.4g}" for k, v in evals.items())
+    lines = [head]
+    if summary.get("note"):
+        lines.append(f"  {summary['note']}")
+    for k, v in summary.items():
+        if k not in _SUMMARY_KEYS and not k.startswith(("eval_", "best_")):
+            lines.append(f"  {k}: {v}")
+    lines.append(f"jaxnv: files in {workdir}: config.json, metrics.jsonl, summary.json, ...")
+    return "\n".join(lines)
+
+
+# Keys whose change on resume leaves the trained trajectory as it was: what is logged, evaluated
+# or kept, and how the state is laid out over the devices.
+_RESUME_NEUTRAL = ("logging.", "checkpoint.", "mesh.", "train.eval_every", "train.eval_batch_size")
+
+
+def _has_checkpoints(workdir: str) -> bool:
+    """Whether `workdir/checkpoints` holds a committed step (orbax names it by its number)."""
+    try:
+        return any(n.isdigit() for n in os.listdir(os.path.join(workdir, "checkpoints")))
+    except OSError:
+        return False
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def workdir_config(base, workdir: str | None, overrides: list[str]):
+    """`(config, changes)`: `workdir/config.json` (the run's own config, written by training) on
+    top of the experiment's `base`, then `overrides` on top of that; without a workdir or its
+    config.json, `base` with the overrides. `changes` names each key, outside `_RESUME_NEUTRAL`,
+    whose value the overrides change from the workdir's config, as `key old -> new`."""
     from jaxnv import config as config_lib
+
+    path = os.path.join(workdir, "config.json") if workdir else None
+    if path and os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = config_lib.from_dict(json.load(f), base=base)
+        except ValueError as err:  # ConfigError, JSONDecodeError
+            raise config_lib.ConfigError(
+                f"{path} does not load as a config ({str(err).splitlines()[0]}): fix that file "
+                "or pass the run's overrides with another --workdir"
+            ) from err
+    else:
+        saved = None
+    cfg = config_lib.validate(config_lib.apply_overrides(saved or base, overrides))
+    if saved is None:
+        return cfg, []
+    before, after = _flat(config_lib.to_dict(saved)), _flat(config_lib.to_dict(cfg))
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if old != new and not key.startswith(_RESUME_NEUTRAL):
+            changes.append(f"{key} {json.dumps(old)} -> {json.dumps(new)}")
+    return cfg, changes
+
+
+def cmd_eval(args) -> int:
     from jaxnv.experiment import load_experiment
     from jaxnv.train.loop import evaluate_workdir
 
     exp = load_experiment(args.experiment)
-    exp.config = config_lib.validate(config_lib.apply_overrides(exp.config, args.overrides))
+    exp.config, _ = workdir_config(exp.config, args.workdir, args.overrides)
     step, metrics = evaluate_workdir(exp, args.workdir, step=_step_arg(args.step))
     print(json.dumps({"step": step, "split": "eval", **metrics}))
     return 0
@@ -93,12 +195,11 @@ def _step_arg(text: str | None) -> int | str | None:
 
 
 def cmd_export(args) -> int:
-    from jaxnv import config as config_lib
     from jaxnv.experiment import load_experiment
     from jaxnv.serve.export import MANIFEST, export_workdir
 
     exp = load_experiment(args.experiment)
-    exp.config = config_lib.validate(config_lib.apply_overrides(exp.config, args.overrides))
+    exp.config, _ = workdir_config(exp.config, args.workdir, args.overrides)
     platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())
     out = export_workdir(exp, args.workdir, args.out, platforms=platforms)
     with open(os.path.join(out, MANIFEST), encoding="utf-8") as f:
@@ -160,12 +261,18 @@ def benchmarks_dir() -> str:
 
 
 def cmd_bench(args) -> int:
+    """Run benchmarks/NAME.py with the arguments after NAME; it prints its table.
+
+    The table is appended to benchmarks/RESULTS.md only with `--record` (`--no-append`, the old
+    opt-out, is accepted and changes nothing).
+    """
     import runpy
 
     folder = benchmarks_dir()
     names = sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and f[0] != "_")
     if not args.name:
-        print("jaxnv: benchmarks (run one with `jaxnv bench NAME [--quick]`): " + ", ".join(names))
+        usage = "run one with `jaxnv bench NAME [--quick] [--record]`"
+        print(f"jaxnv: benchmarks ({usage}): " + ", ".join(names))
         return 0
     name = args.name.removesuffix(".py")
     if name not in names:
@@ -193,6 +300,12 @@ def cmd_info(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxnv", description="JAX functional training framework")
+    parser.add_argument(
+        "--traceback",
+        action="store_true",
+        help="on an error, print the whole traceback, jaxnv's and JAX's frames included "
+        "(also JAXNV_TRACEBACK=full)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train an experiment (a name in experiments/ or a .py path)")
     p.add_argument("experiment")
@@ -203,14 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compile the step for the mesh, print shardings and memory, and exit",
     )
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.steps=100")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="e.g. train.steps=100 (a resume: on top of the workdir's config.json)",
+    )
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("eval", help="evaluate the newest checkpoint of a workdir")
     p.add_argument("experiment")
     p.add_argument("--workdir", required=True, help="a workdir written by `jaxnv train`")
     p.add_argument("--step", help="latest (default), best (checkpoint.keep_best) or a step")
     p.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.eval_batch_size=64"
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="on top of the workdir's config.json, e.g. train.eval_batch_size=64",
     )
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("export", help="export the newest checkpoint's predict (jax.export)")
@@ -220,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--platforms", default="cpu,cuda", help="comma-separated jax.export platforms (cpu,cuda)"
     )
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="as given to `jaxnv train`")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="on top of the workdir's config.json"
+    )
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("predict", help="run an export on an .npy input (no experiment code)")
     p.add_argument("path", help="an export directory written by `jaxnv export`")
@@ -232,13 +355,219 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-devices", type=int, default=0, help="simulated CPU devices per process")
     p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
     p.set_defaults(func=cmd_launch)
-    p = sub.add_parser("bench", help="run a benchmark from benchmarks/ (no NAME: list them)")
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark from benchmarks/ (no NAME: list them); prints its table",
+        description="Run a benchmark script; its table is printed, and appended to "
+        "benchmarks/RESULTS.md only with --record.",
+    )
     p.add_argument("name", nargs="?", help="a script in benchmarks/, e.g. overhead")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="...", help="e.g. --quick")
+    p.add_argument(
+        "bench_args",
+        nargs=argparse.REMAINDER,
+        metavar="...",
+        help="the script's options, e.g. --quick, --repeats R, --record (append to RESULTS.md)",
+    )
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("info", help="backend, devices, the auto precision and versions")
     p.set_defaults(func=cmd_info)
+    for name in ("train", "eval", "export", "predict", "info"):  # also after the command
+        sub.choices[name].add_argument(
+            "--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
     return parser
+
+
+# --- errors ---------------------------------------------------------------------------------
+#
+# Who raised an exception decides how it is shown. jaxnv raises ValueError & co. for bad input
+# (configuration, paths, data shapes, CLI use) with one-line messages that name the fix: those stay
+# one line. An exception out of the user's own code (an experiment file or a module it imports:
+# config(), make_model, loss_fn, make_data, summarize) is shown as a traceback of the user's frames
+# only, as JAX filters its own, then one `jaxnv: error:` line. The owner is the innermost frame that
+# is not a library's (JAX, Flax, optax, orbax, NumPy, the standard library...): jaxnv or the user.
+
+INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError)
+_HIDDEN_LIBRARIES = ("jax", "jaxlib", "flax", "optax", "orbax")
+_JAX_NOTE = "--------------------\nFor simplicity, JAX has removed its internal frames"
+_TB_HEADER = (
+    "Traceback (most recent call last; jaxnv's and JAX's frames hidden, --traceback shows them):"
+)
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
+
+
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+@functools.cache
+def _places() -> dict[str, tuple[str, ...]]:
+    """Folders by what their frames are: jaxnv's own, hidden libraries, other libraries."""
+    import importlib.util
+    import runpy
+    import site
+    import sysconfig
+
+    jaxnv_dir = os.path.dirname(os.path.realpath(__file__))
+    hidden = [os.path.dirname(os.path.realpath(importlib.util.__file__)), runpy.__file__]
+    for name in _HIDDEN_LIBRARIES:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        hidden += (spec and spec.submodule_search_locations) or ()
+    paths = sysconfig.get_paths()
+    libraries = [paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths]
+    libraries += [*site.getsitepackages(), site.getusersitepackages()]
+    real = lambda dirs: tuple(os.path.realpath(d) for d in dirs if d)  # noqa: E731
+    return {
+        "experiments": real([os.path.join(jaxnv_dir, "experiments")]),  # shipped: user-like code
+        "jaxnv": real([jaxnv_dir]),
+        "hidden": real(hidden),
+        "library": real(libraries),
+    }
+
+
+@functools.lru_cache(maxsize=1024)
+def frame_kind(filename: str) -> str:
+    """What a frame's file is: `user`, `jaxnv`, `hidden` (JAX, Flax, optax, orbax, importlib,
+    runpy: never shown) or `library` (the rest of what is installed, the standard library: shown,
+    never the owner)."""
+    if filename.startswith("<"):  # <frozen importlib._bootstrap>, <frozen runpy>, <string>
+        return "hidden" if "importlib" in filename or "runpy" in filename else "library"
+    path = os.path.realpath(filename)
+    places = _places()
+    for kind in ("experiments", "jaxnv", "hidden", "library"):
+        if any(_under(path, d) for d in places[kind]):
+            return "user" if kind == "experiments" else kind
+    return "user"
+
+
+def _frames(err: BaseException) -> list[traceback.FrameSummary]:
+    frames = traceback.extract_tb(err.__traceback__)
+    if isinstance(err, SyntaxError) and err.filename:  # where the source is, not who compiled it
+        frames.append(traceback.FrameSummary(err.filename, err.lineno or 0, "<module>"))
+    return frames
+
+
+def raised_in_user_code(err: BaseException) -> bool:
+    """Whether the innermost frame of `err` that is not a library's is the user's (not jaxnv's)."""
+    for frame in reversed(_frames(err)):
+        kind = frame_kind(frame.filename)
+        if kind in ("user", "jaxnv"):
+            return kind == "user"
+    return False
+
+
+def _chain(err: BaseException) -> list[tuple[BaseException, str]]:
+    """`(exception, how the next one follows from it)`, the first cause first, as Python prints
+    them; JAX's UnfilteredStackTrace (a copy with all frames) is left out."""
+    out: list[tuple[BaseException, str]] = []
+    e, how = err, ""
+    while e is not None and all(e is not x for x, _ in out):
+        if type(e).__name__ != "UnfilteredStackTrace":
+            out.append((e, how))
+        if e.__cause__ is not None:
+            e, how = e.__cause__, how if type(e).__name__ == "UnfilteredStackTrace" else "cause"
+        elif not e.__suppress_context__ and e.__context__ is not None:
+            e, how = e.__context__, "context"
+        else:
+            e = None
+    return out[::-1]
+
+
+def _message(err: BaseException) -> str:
+    text = str(err)
+    notes = [n for n in getattr(err, "__notes__", ()) if not str(n).startswith(_JAX_NOTE)]
+    return "\n".join([text, *map(str, notes)]).strip()
+
+
+def user_origin(err: BaseException) -> BaseException | None:
+    """The exception out of user code that `err` is, or that `err` was raised from or while
+    handling (jaxnv turns some into a one-line message `from None`, e.g. a shape error of a model
+    into "the model cannot take this batch"); None when user code raised none of them."""
+    seen: list[BaseException] = []
+    e: BaseException | None = err
+    while e is not None and all(e is not x for x in seen):
+        seen.append(e)
+        if raised_in_user_code(e):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def format_user_error(err: BaseException, origin: BaseException | None = None) -> str:
+    """The user's frames of `origin` (default `err`) and of the exceptions it came from, as
+    Python prints them but without jaxnv's and the libraries' internals, then one line
+    `jaxnv: error: Type: message` for `err`."""
+    origin = origin or err
+    out = []
+    for e, how in _chain(origin):
+        shown = [f for f in traceback.extract_tb(e.__traceback__) if frame_kind(f.filename) in
+                 ("user", "library")]  # fmt: skip
+        if shown:
+            out += [_TB_HEADER + "\n", *traceback.format_list(shown)]
+        if isinstance(e, SyntaxError):  # the file, line, source and caret
+            out += traceback.format_exception_only(type(e), e)[:-1]
+        if e is origin:
+            break
+        out += traceback.format_exception_only(type(e), e)
+        out.append(_CAUSE if how == "cause" else _CONTEXT)
+    out.append(_error_line(err, _message(err)))
+    return "".join(out)
+
+
+def _error_line(err: BaseException, msg: str) -> str:
+    return f"jaxnv: error: {type(err).__name__}{': ' + msg if msg else ''}\n"
+
+
+def _print_whole(err: BaseException, origin: BaseException | None) -> None:
+    """`--traceback`: every frame, and the user's exception that jaxnv turned into `err`."""
+    if origin is not None and origin is not err and not _in_chain(origin, err):
+        traceback.print_exception(origin)
+        print(_CONTEXT, end="", file=sys.stderr)
+    traceback.print_exception(err)
+
+
+def _in_chain(inner: BaseException, err: BaseException) -> bool:
+    return any(e is inner for e, _ in _chain(err))
+
+
+def _report(err: BaseException, *, command: str, full: bool, joined: bool) -> int | None:
+    """Print `err` the way its kind asks and return the exit status; None: raise it as is (an
+    unexpected error inside jaxnv, whose whole traceback is the report)."""
+    preemption = sys.modules.get("jaxnv.checkpoint.preemption")
+    if preemption is not None and isinstance(err, preemption.Preempted):  # a clean stop
+        print(f"jaxnv: {err}", file=sys.stderr)
+        return preemption.EXIT_PREEMPTED
+    origin = None if isinstance(err, KeyboardInterrupt) else user_origin(err)
+    if full:
+        _print_whole(err, origin)
+    if isinstance(err, KeyboardInterrupt):  # Ctrl-C outside the loop, or a second one in it
+        how = str(err) or "Ctrl-C"
+        then = ": run the same command again to resume" if command == "train" else ""
+        print(f"jaxnv: interrupted ({how}){then}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if "SIGTERM" in how else signal.SIGINT)
+    nonfinite = sys.modules.get("jaxnv.train.nonfinite")
+    if nonfinite is not None and isinstance(err, nonfinite.NonFiniteError):
+        print(f"jaxnv: error: {err}", file=sys.stderr)
+        return 3
+    if origin is not None:
+        if full:
+            sys.stderr.write(_error_line(err, str(err).partition("\n")[0]))
+        else:
+            sys.stderr.write(format_user_error(err, origin))
+        return 1
+    if isinstance(err, INPUT_ERRORS):
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"jaxnv: error: {msg}", file=sys.stderr)
+        return 2
+    if full or joined:  # joined: see main, never wait for peers after a failure
+        if not full:
+            traceback.print_exception(err)
+        return 1
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,36 +581,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    full = args.traceback or os.environ.get("JAXNV_TRACEBACK", "").lower() == "full"
+    if full and "jax" not in sys.modules:
+        os.environ.setdefault("JAX_TRACEBACK_FILTERING", "off")  # JAX's own frames too
     _setup_devices()
     joined = False
     if args.command != "launch":
         from jaxnv.parallel import distributed
 
         joined = distributed.initialize()  # a multi-process run, when the environment says so
+    if args.command in ("train", "eval", "export"):
+        from jaxnv.train.compilation import enable_compilation_cache
+
+        enable_compilation_cache()  # $JAXNV_COMPILATION_CACHE, else ~/.cache/jaxnv/xla; "off"
     try:
         code = args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"jaxnv: error: {msg}", file=sys.stderr)
-        code = 2
     except SystemExit as err:
-        code = err.code if isinstance(err.code, int) else 1
-    except BaseException as err:
-        from jaxnv.checkpoint.preemption import EXIT_PREEMPTED, Preempted
-        from jaxnv.train.nonfinite import NonFiniteError
-
-        if isinstance(err, Preempted):
-            print(f"jaxnv: {err}", file=sys.stderr)
-            code = EXIT_PREEMPTED
-        elif isinstance(err, NonFiniteError):
-            print(f"jaxnv: error: {err}", file=sys.stderr)
-            code = 3
-        elif joined:  # see below: never wait for peers after a failure
-            import traceback
-
-            traceback.print_exc()
-            code = 1
-        else:
+        if isinstance(err.code, str):
+            print(err.code, file=sys.stderr)
+        code = err.code if isinstance(err.code, int) else int(err.code is not None)
+    except BaseException as err:  # noqa: BLE001 - every kind is reported by _report
+        code = _report(err, command=args.command, full=full, joined=joined)
+        if code is None:
             raise
     if joined and code:
         # a failed process must not wait in jax.distributed's shutdown barrier for peers that

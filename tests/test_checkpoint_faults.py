@@ -14,8 +14,11 @@ import subprocess
 import sys
 import time
 
+import flax.struct
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from jaxnv import apply_overrides
@@ -253,3 +256,140 @@ def test_unwritable_workdir_gives_a_clear_error(tmp_path, kind):
     assert os.path.join(workdir, "checkpoints") in message
     assert "pass a --workdir that is a directory you can write to" in message
     assert _snapshot(tmp_path) == before
+
+
+@flax.struct.dataclass
+class _State:
+    params: dict
+    opt_state: dict
+    step: jax.Array
+
+
+def _two_steps(directory) -> _State:
+    """Steps 1 and 2 of a small state in `directory`; the state."""
+    state = _State({"w": jnp.arange(300.0)}, {"m": jnp.zeros(300)}, jnp.int32(2))
+    ckpt = Checkpointer(str(directory), async_save=False)
+    try:
+        assert ckpt.maybe_save(1, state, {}, force=True)
+        assert ckpt.maybe_save(2, state, {}, force=True)
+    finally:
+        ckpt.close()
+    return state
+
+
+def _restore_error(directory, state, step=None) -> str:
+    ckpt = Checkpointer(str(directory))
+    try:
+        with pytest.raises(CheckpointError) as err:
+            ckpt.restore(state, step)
+    finally:
+        ckpt.close()
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def _oom():
+    # what orbax raises when the device_put of a read array fails: its wrapper around XLA's error
+    inner = jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1073741824 bytes."
+    )
+    try:
+        raise inner
+    except Exception as err:
+        wrapper = Exception("Encountered error while reading array index: (slice(0, 300, 1),).")
+        wrapper.__cause__ = err
+        return wrapper
+
+
+NOT_CORRUPTION = {
+    "out of memory (XLA)": (_oom, "Out of memory while trying to allocate"),
+    "MemoryError": (MemoryError, "MemoryError"),
+    "sharding mismatch": (
+        lambda: ValueError("Sharding NamedSharding(mesh=Mesh('data': 8)) does not fit (3,)"),
+        "does not fit (3,)",
+    ),
+    "device error": (
+        lambda: RuntimeError("INTERNAL: Failed to execute XLA Runtime executable: device lost"),
+        "device lost",
+    ),
+    "permission denied while reading": (  # names a read, but says nothing against the data
+        lambda: ValueError('PERMISSION_DENIED: Error reading "params.w/0" in OCDBT database'),
+        "PERMISSION_DENIED",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(NOT_CORRUPTION))
+def test_a_restore_failure_that_is_not_corruption_never_suggests_removing_a_step(
+    tmp_path, monkeypatch, kind
+):
+    make, cause = NOT_CORRUPTION[kind]
+    state = _two_steps(tmp_path)
+    before = _snapshot(tmp_path)
+
+    def failing_restore(self, step, *args, **kwargs):
+        raise make()
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", failing_restore)
+    message = _restore_error(tmp_path, state)
+    assert message.startswith(f"checkpoint step 2 in {tmp_path} could not be restored")
+    assert cause in message  # what failed
+    for advice in ("remov", "delet", "corrupt", "fall back", "older", "rm "):
+        assert advice not in message.lower(), message
+    if kind.startswith(("out of memory", "MemoryError")):
+        assert "out of memory" in message
+    assert _snapshot(tmp_path) == before
+
+
+def _data_files(step_dir):
+    return [
+        os.path.join(d, n)
+        for d, _, names in os.walk(os.path.join(step_dir, "state"))
+        for n in names
+        if os.path.basename(d) == "d"
+    ]
+
+
+CORRUPTION = {
+    "array data deleted": lambda step: [os.remove(f) for f in _data_files(step)],
+    "array data truncated": lambda step: [os.truncate(f, 7) for f in _data_files(step)],
+    "tree metadata deleted": lambda step: os.remove(os.path.join(step, "state", "_METADATA")),
+    "meta item deleted": lambda step: shutil.rmtree(os.path.join(step, "meta")),
+}
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see above
+@pytest.mark.parametrize("kind", list(CORRUPTION))
+def test_missing_or_short_files_are_corruption_with_the_step_to_fall_back_to(tmp_path, kind):
+    state = _two_steps(tmp_path)
+    step_dir = os.path.join(tmp_path, "2")
+    CORRUPTION[kind](step_dir)
+    message = _restore_error(tmp_path, state)
+    assert re.fullmatch(
+        rf"checkpoint step 2 in {re.escape(str(tmp_path))} cannot be read \(.+\): it may be "
+        rf"corrupt; remove that step's directory {re.escape(step_dir)} to fall back to an older "
+        r"one \(step 1\)",
+        message,
+    ), message
+    gc.collect()
+
+
+def test_a_step_that_is_not_on_disk_is_named_with_the_steps_there(tmp_path):
+    state = _two_steps(tmp_path)
+    message = _restore_error(tmp_path, state, step=7)
+    assert message == f"no checkpoint step 7 in {tmp_path}: the steps there are 1, 2"
+
+
+def test_a_model_mismatch_lists_param_paths_first(tmp_path):
+    _two_steps(tmp_path)
+    params = {"w": jnp.zeros(5), "v": jnp.zeros(2)}
+    opt_state = {"m": jnp.zeros(5), "n": jnp.zeros(1)}
+    message = _restore_error(tmp_path, _State(params, opt_state, jnp.int32(2)))
+    # opt_state/ sorts before params/, but the params say what differs; the rest follows from them
+    assert message.split("does not match this model: ")[1].split(" -- ")[0].split("; ") == [
+        "params/v missing from the checkpoint",
+        "params/w saved (300,) float32, model has (5,) float32",
+        "opt_state/m saved (300,) float32, model has (5,) float32",
+        "and 1 more",
+    ]

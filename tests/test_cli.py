@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,11 +62,11 @@ def test_train_writes_metrics(tmp_path):
     assert [r["step"] for r in rows if r["split"] == "eval"] == [20]
     cfg = config_lib.from_dict(json.loads((workdir / "config.json").read_text()))
     assert cfg.train.steps == 20 and cfg.logging.progress is False
-    summary_line = [ln for ln in proc.stdout.splitlines() if ln.startswith("jaxnv: summary ")]
-    assert len(summary_line) == 1
-    summary = json.loads(summary_line[0].removeprefix("jaxnv: summary "))
+    summary = json.loads((workdir / "summary.json").read_text())
     assert summary["steps"] == 20
     assert summary["eval_loss"] == pytest.approx(rows[-1]["loss"], rel=1e-12)
+    done = [ln for ln in proc.stdout.splitlines() if ln.startswith("jaxnv: done in ")]
+    assert len(done) == 1 and "step 20" in done[0] and f"loss={rows[-1]['loss']:.4g}" in done[0]
     assert "\r" not in proc.stderr  # logging.progress=false: no progress bar
     assert not (tmp_path / "runs").exists()  # --workdir given: nothing under ./runs
 
@@ -180,3 +181,88 @@ def test_no_command_prints_usage(capsys):
         cli.main([])
     assert err.value.code == 2
     assert "usage: jaxnv" in capsys.readouterr().err
+
+
+QUIET = ["logging.progress=false", "logging.tensorboard=false", "logging.mfu=false"]
+TRAINED_WITH = ["model.name=mlp", "model.features=8"]  # what eval and export must not need again
+
+
+@pytest.fixture(scope="module")
+def mlp_workdir(tmp_path_factory):
+    """house_prices trained as an MLP of width 8: only its config.json records that."""
+    workdir = str(tmp_path_factory.mktemp("mlp") / "run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("JAXNV_CPU_DEVICES", raising=False)  # main() would set XLA_FLAGS
+        argv = ["train", "house_prices", "--workdir", workdir, "train.steps=10", *TRAINED_WITH]
+        assert cli.main([*argv, *QUIET]) == 0
+    with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
+        return workdir, json.load(f)
+
+
+def test_eval_and_export_read_the_workdirs_config(mlp_workdir, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("JAXNV_CPU_DEVICES", raising=False)
+    workdir, summary = mlp_workdir
+    capsys.readouterr()
+    assert cli.main(["eval", "house_prices", "--workdir", workdir]) == 0, capsys.readouterr().err
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["step"] == 10
+    assert row["loss"] == pytest.approx(summary["eval_loss"], rel=1e-5)
+    # overrides still apply, on top of the workdir's config
+    assert cli.main(["eval", "house_prices", "--workdir", workdir, "train.eval_batch_size=7"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(row["loss"], rel=1e-5)
+    out = tmp_path / "export"
+    argv = ["export", "house_prices", "--workdir", workdir, "--out", str(out), "--platforms", "cpu"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert "step 10" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["model"]["name"] == "mlp"
+    assert list(manifest["config"]["model"]["features"]) == [8]
+    # an override that contradicts the checkpoints: one line, the differing params first
+    assert cli.main(["eval", "house_prices", "--workdir", workdir, "model.features=16"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("jaxnv: error: checkpoint step 10 ")
+    assert "does not match this model: params/" in line
+
+
+def test_resume_goes_on_from_the_workdirs_config_and_names_what_changes(
+    mlp_workdir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.delenv("JAXNV_CPU_DEVICES", raising=False)
+    workdir = str(tmp_path / "run")
+    shutil.copytree(mlp_workdir[0], workdir)
+    capsys.readouterr()
+    # no model overrides: the MLP of the config.json resumes (the experiment's own is linear)
+    argv = ["train", "house_prices", "--workdir", workdir, "train.steps=14", "logging.log_every=7"]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    warnings = [ln for ln in err.splitlines() if ln.startswith("jaxnv: warning: resuming")]
+    assert len(warnings) == 1, err
+    assert "train.steps 10 -> 14" in warnings[0]
+    assert "logging" not in warnings[0]  # what is logged does not change the run
+    summary = json.loads(open(os.path.join(workdir, "summary.json"), encoding="utf-8").read())
+    assert summary["resumed_from"] == 10 and summary["steps"] == 14
+    assert "resumed from 10" in out
+    # without a change there is nothing to warn about
+    cfg = json.loads(open(os.path.join(workdir, "config.json"), encoding="utf-8").read())
+    assert cfg["train"]["steps"] in (10, 14)  # rewritten on resume, or kept as first trained
+    steps = f"train.steps={cfg['train']['steps']}"
+    assert cli.main(["train", "house_prices", "--workdir", workdir, steps]) == 0
+    assert "jaxnv: warning: resuming" not in capsys.readouterr().err
+
+
+def test_workdir_config_applies_overrides_on_top(tmp_path):
+    base = load_experiment("house_prices").config
+    trained = config_lib.apply_overrides(base, [*TRAINED_WITH, "train.steps=10"])
+    (tmp_path / "config.json").write_text(json.dumps(config_lib.to_dict(trained)))
+    overrides = ["train.steps=20", "logging.log_every=5"]
+    cfg, changes = cli.workdir_config(base, str(tmp_path), overrides)
+    assert cfg == config_lib.apply_overrides(trained, overrides)
+    assert changes == ["train.steps 10 -> 20"]
+    cfg, changes = cli.workdir_config(base, str(tmp_path / "nothing"), ["train.steps=20"])
+    assert cfg == config_lib.apply_overrides(base, ["train.steps=20"]) and changes == []
+    (tmp_path / "config.json").write_text('{"model": {"name": "mlp", "featurez": [8]}}')
+    with pytest.raises(config_lib.ConfigError) as err:
+        cli.workdir_config(base, str(tmp_path), [])
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'config.json'} does not load as a config (")
+    assert "featurez" in message and "\n" not in message

@@ -55,7 +55,7 @@ def test_two_processes_reproduce_the_single_device_curve(tmp_path):
     got = [r["loss"] for r in rows if r["split"] == "train"]
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 31))  # one writer
     np.testing.assert_allclose(got, expected, rtol=1e-5)
-    assert "[1] jaxnv: summary" not in proc.stdout and "[0] jaxnv: summary" in proc.stdout
+    assert "[1] jaxnv: done in" not in proc.stdout and "[0] jaxnv: done in" in proc.stdout
 
 
 @pytest.mark.slow

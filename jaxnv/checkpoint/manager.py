@@ -19,14 +19,21 @@ array's codec is stored with it.
 Retention keeps the `keep` newest checkpoints plus the `keep_best` best by `best_metric` among
 those saved with metrics; orbax stores a step's metrics beside it (`<step>/metrics`), so a new
 Checkpointer on the same directory ranks the old steps too.
+
+A restore that fails is one CheckpointError line saying what failed. Only missing, short or
+undecodable files are called corrupt, with the step directory to remove and the older step that
+then takes over; out of memory, devices, shardings or permissions say nothing against the files,
+and their message never suggests removing anything.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,10 +55,12 @@ def _flat(tree) -> dict[str, Any]:
 
 
 def _mismatches(saved: Any, target: Any, limit: int = 3) -> list[str]:
-    """Paths where the saved tree differs from the target in presence, shape or dtype."""
+    """Paths where the saved tree differs from the target in presence, shape or dtype; params
+    first (the optimizer state follows from them), then `and N more`."""
     flat_saved, flat_target = _flat(getattr(saved, "tree", saved)), _flat(target)
-    out = []
-    for key in sorted(set(flat_saved) | set(flat_target)):
+    out, extra = [], 0
+    keys = set(flat_saved) | set(flat_target)
+    for key in sorted(keys, key=lambda k: (k.split("/")[0] != "params", k)):
         s, t = flat_saved.get(key), flat_target.get(key)
         if s is None or t is None:
             out.append(
@@ -62,22 +71,70 @@ def _mismatches(saved: Any, target: Any, limit: int = 3) -> list[str]:
                 f"{key} saved {tuple(s.shape)} {np.dtype(s.dtype).name}, "
                 f"model has {tuple(t.shape)} {np.dtype(t.dtype).name}"
             )
-        if len(out) >= limit:
-            break
+        if len(out) > limit:
+            out.pop()
+            extra += 1
+    if extra:
+        out.append(f"and {extra} more")
     return out
 
 
-def _root_cause(err: BaseException) -> str:
-    """The first line of the innermost exception with a message: orbax wraps tensorstore's
-    precise one ("OUT_OF_RANGE: Error reading ... ") in a generic one that prints a repr."""
-    best, seen = err, set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if str(err).strip():
-            best = err
+def _chain(err: BaseException | None) -> list[BaseException]:
+    """`err` and the exceptions it was raised from or during, outermost first."""
+    out: list[BaseException] = []
+    while err is not None and all(e is not err for e in out):
+        out.append(err)
         err = err.__cause__ or err.__context__
+    return out
+
+
+def _innermost(err: BaseException) -> BaseException:
+    """The innermost exception with a message: orbax wraps tensorstore's precise one
+    ("OUT_OF_RANGE: Error reading ... ") in a generic one that prints a repr."""
+    with_text = [e for e in _chain(err) if str(e).strip()]
+    return with_text[-1] if with_text else err
+
+
+def _root_cause(err: BaseException) -> str:
+    """The first line of `_innermost(err)`, or its type's name."""
+    best = _innermost(err)
     text = str(best).strip()
     return text.splitlines()[0][:300] if text else type(best).__name__
+
+
+# What a restore failure says about the files on disk. A failure that names memory, devices,
+# shardings, permissions or an unreachable store says nothing against the data (the checkpoint may
+# be perfectly good), so it is never reported as corruption, even when a read was under way; only a
+# failure that names none of them and does name missing, short or undecodable data is.
+# tensorstore prefixes its messages with an absl status code ("OUT_OF_RANGE: Error reading ...").
+_MEMORY = re.compile(r"RESOURCE_EXHAUSTED|out of memory|\bOOM\b|failed to allocate", re.I)
+_NOT_DATA = re.compile(
+    r"\b(PERMISSION_DENIED|UNAUTHENTICATED|UNAVAILABLE|DEADLINE_EXCEEDED|CANCELLED|ABORTED|"
+    r"INTERNAL|UNIMPLEMENTED)\b|(?i:\b(shardings?|mesh|devices?|topology)\b)",
+)
+_NOT_DATA_TYPES = (PermissionError, ConnectionError, TimeoutError)
+_DATA = re.compile(
+    r"\b(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND)\b|error (reading|opening|decoding)|not enough data|"
+    r"checksum|corrupt|truncat|unexpected end|was not found in the checkpoint",
+    re.I,
+)
+_DATA_TYPES = (FileNotFoundError, EOFError, UnicodeDecodeError, json.JSONDecodeError)
+
+
+def _failure_kind(err: BaseException, metadata_missing: bool = False) -> str:
+    """What a restore failure (with its causes) points at: "memory", "corrupt" data or "other"."""
+    chain = _chain(err)
+    # first lines only: orbax follows them with a whole TensorStore spec (its codecs, paths...)
+    lines = [f"{type(e).__name__}: {str(e).strip().partition(chr(10))[0]}" for e in chain]
+    if any(isinstance(e, MemoryError) for e in chain) or any(map(_MEMORY.search, lines)):
+        return "memory"
+    if metadata_missing:  # every save writes the tree's metadata: the step is incomplete
+        return "corrupt"
+    if any(isinstance(e, _NOT_DATA_TYPES) for e in chain) or any(map(_NOT_DATA.search, lines)):
+        return "other"
+    if any(isinstance(e, _DATA_TYPES) for e in chain):
+        return "corrupt"
+    return "corrupt" if any(map(_DATA.search, lines)) else "other"
 
 
 class _QuietMissingMetrics(logging.Filter):
@@ -259,19 +316,27 @@ class Checkpointer:
         step = self.latest_step() if step is None else int(step)
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}: train first")
+        steps = self.manager.all_steps()
+        if step not in steps:
+            raise CheckpointError(
+                f"no checkpoint step {step} in {self.directory}: the steps there are "
+                f"{', '.join(map(str, sorted(steps)))}"
+            )
         return step
 
     def restore(self, target, step: int | str | None = None) -> tuple[Any, dict]:
         """Restore onto `target` (a TrainState of arrays or `jax.ShapeDtypeStruct`s, which may carry
         shardings) from `step`: an int, "latest" (or None) or "best"; a structure, shape or dtype
-        mismatch is a one-line CheckpointError."""
+        mismatch is a one-line CheckpointError, and so is a failed read (see `_restore_error`)."""
         step = self._resolve(step)
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             target,
         )
+        saved, metadata_missing = None, False
         try:
             saved = self.manager.item_metadata(step)["state"]
+            metadata_missing = saved is None
             diffs = _mismatches(saved, abstract) if saved is not None else []
         except Exception:  # noqa: BLE001 - metadata is a best-effort pre-check
             diffs = []
@@ -292,15 +357,36 @@ class Checkpointer:
                 ),
             )
         except Exception as err:  # noqa: BLE001 - orbax raises many types for corrupt data
+            raise self._restore_error(step, err, metadata_missing) from err
+        return restored["state"], dict(restored["meta"])
+
+    def _restore_error(self, step: int, err: Exception, metadata_missing: bool) -> CheckpointError:
+        """A one-line error for a failed restore of `step`: only missing, short or undecodable
+        data is called corrupt and answered with the older step to fall back to; any other failure
+        (memory, devices, shardings, the store) says what failed and leaves the files alone."""
+        where = f"checkpoint step {step} in {self.directory}"
+        kind = _failure_kind(err, metadata_missing)
+        cause = "the metadata of its state is missing" if metadata_missing else _root_cause(err)
+        if kind == "corrupt":
             older = [s for s in self.manager.all_steps() if s < step]
             fallback = f"step {max(older)}" if older else "none: training starts over"
-            raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} cannot be read ({_root_cause(err)}): "
-                f"it may be corrupt; remove that step's directory "
-                f"{os.path.join(self.directory, str(step))} to fall back to an older one "
-                f"({fallback})"
-            ) from None
-        return restored["state"], dict(restored["meta"])
+            return CheckpointError(
+                f"{where} cannot be read ({cause}): it may be corrupt; remove that step's "
+                f"directory {os.path.join(self.directory, str(step))} to fall back to an older "
+                f"one ({fallback})"
+            )
+        if kind == "memory":
+            return CheckpointError(
+                f"{where} could not be restored: out of memory ({cause}); this says nothing "
+                "against the checkpoint, whose files are unchanged: free accelerator memory "
+                "(other processes on the device) or spread the state over more devices (mesh.*), "
+                "then run again"
+            )
+        return CheckpointError(
+            f"{where} could not be restored ({type(_innermost(err)).__name__}: {cause}); this is "
+            "not a sign of a damaged checkpoint and its files are unchanged: fix the cause "
+            "(devices, mesh, permissions) and run again (jaxnv --traceback shows the whole error)"
+        )
 
     def wait(self) -> None:
         """Block until background saves have committed (raises their errors here)."""

@@ -6,8 +6,10 @@
             if guard.should_stop(step):   # all processes agree
                 save(step); raise Preempted(step)
 
-A second signal aborts at once. `Preempted` carries the step that was saved; the CLI exits with
-`EXIT_PREEMPTED` (75, "temporary failure: run again to resume").
+A second signal aborts at once: it raises KeyboardInterrupt("second SIGINT: aborting") wherever
+the main thread is, and the CLI reports that in one line (exit 128 + the signal's number).
+`Preempted` carries the step that was saved; the CLI exits with `EXIT_PREEMPTED` (75, "temporary
+failure: run again to resume").
 """
 
 from __future__ import annotations
