@@ -1,5 +1,6 @@
 # The two set-up commands of the README: `make train` (the main job) and `make test` (the suite).
 # Both create ./.venv on first use and reinstall only when pyproject.toml or the lock changes.
+# pyproject.toml states compatible ranges; `-c requirements.lock` installs the exact tested tree.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

@@ -1,13 +1,15 @@
 """What every benchmark script shares: arguments, interleaved timing, the table and RESULTS.md.
 
-    args = parser(__doc__).parse_args()          # --quick, --repeats, --no-append
+    args = parser(__doc__).parse_args()          # --quick, --repeats, --record
     times = interleave({"plain": run_a, "jaxnv": run_b}, repeats=args.repeats)
     rows = [("case", f"{a:.1f} ms", f"{b:.1f} ms", f"{b / a:.3f}")]
     report("overhead.py", ("case", "plain", "jaxnv", "ratio"), rows, args)
 
 Contenders run interleaved (a, b, a, b, ...) so that drift in the machine's speed hits both alike;
-figures are medians over the repeats. The table is printed last; unless `--no-append`, it is
-appended to benchmarks/RESULTS.md under a heading naming the script, the date and the machine.
+figures are medians over the repeats. The table is printed last. Only with `--record` is it
+appended to benchmarks/RESULTS.md (tracked by git) under a heading naming the script, the date and
+the machine; `--no-append`, the old way of saying "do not append", is still accepted and does
+nothing more than the default.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import datetime
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -28,7 +31,13 @@ def parser(doc: str, repeats: int = 7) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes and a few steps (CI smoke)")
     p.add_argument("--repeats", type=int, default=repeats, help="timed rounds per contender")
-    p.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
+    record = p.add_mutually_exclusive_group()
+    record.add_argument(
+        "--record", action="store_true", help="append the table to benchmarks/RESULTS.md"
+    )
+    record.add_argument(
+        "--no-append", action="store_true", help="do not append to RESULTS.md (the default)"
+    )
     return p
 
 
@@ -97,7 +106,7 @@ def report(
     args: argparse.Namespace,
     notes: str = "",
 ) -> str:
-    """Print the table (last thing the script prints) and append it to RESULTS.md."""
+    """Print the table (last thing the script prints); with `--record`, append it to RESULTS.md."""
     text = table(header, rows)
     mode = " --quick" if getattr(args, "quick", False) else ""
     heading = (
@@ -107,7 +116,8 @@ def report(
     if notes:
         heading += " " + notes
     print(f"\n{heading}\n\n{text}", flush=True)
-    if not args.no_append:
+    if getattr(args, "record", False):
         with open(RESULTS, "a", encoding="utf-8") as f:
             f.write(f"\n{heading}\n\n{text}\n")
+        print(f"appended to {RESULTS}", file=sys.stderr, flush=True)
     return text

@@ -39,6 +39,7 @@ import json, sys, time
 from jaxnv import apply_overrides
 from jaxnv.experiment import load_experiment
 from jaxnv.train import Callback, train
+from jaxnv.train.compilation import enable_compilation_cache
 
 class FirstStep(Exception):
     pass
@@ -52,6 +53,7 @@ overrides = ["logging.log_every=1", "logging.progress=false", "logging.tensorboa
              *sys.argv[2:]]
 exp.config = apply_overrides(exp.config, overrides)
 start = time.perf_counter()
+enable_compilation_cache()  # as the CLI does: $JAXNV_COMPILATION_CACHE names the directory
 try:
     train(exp, callbacks=[StopAtFirstStep()])
 except FirstStep as e:

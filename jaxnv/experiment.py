@@ -3,6 +3,9 @@
 An experiment file (`experiments/NAME.py`) defines `config() -> Config` and may define
 `make_model(cfg, data, policy, rngs)`, `loss_fn(model, batch, rng)`, `make_data(cfg)` and
 `summarize(result) -> dict`. Whatever it leaves out comes from the config's registries.
+
+A name is looked up in `./experiments`, then in the installed `jaxnv.experiments` package (the
+repository's `experiments/`, shipped by `pip install`); a path to a `.py` file is loaded as is.
 """
 
 from __future__ import annotations
@@ -46,10 +49,27 @@ class Experiment:
         return self.loss_fn or get_loss_fn(self.config.train.loss)
 
 
+def _installed_dirs() -> list[Path]:
+    """The directories of the `jaxnv.experiments` package (installed from `experiments/`)."""
+    # found, not imported: its files are loaded one by one as experiments
+    spec = importlib.util.find_spec("jaxnv.experiments")
+    if spec is None:  # an editable install from before the mapping, or a bare source tree
+        return []
+    return [Path(p) for p in spec.submodule_search_locations or []]
+
+
 def experiment_dirs() -> list[Path]:
-    """Where experiment names are looked up: `./experiments`, then the repository's."""
-    dirs = [Path.cwd() / "experiments", Path(__file__).resolve().parent.parent / "experiments"]
-    return list(dict.fromkeys(d for d in dirs if d.is_dir()))
+    """Where experiment names are looked up, in order.
+
+    `./experiments` (the user's own, so a name there shadows a shipped one), then the package
+    `jaxnv.experiments` that `pip install` ships (the repository's `experiments/`), then the
+    `experiments/` of the source checkout this module runs from, if it runs from one.
+    """
+    dirs = [Path.cwd() / "experiments", *_installed_dirs()]
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file():
+        dirs.append(checkout / "experiments")
+    return list(dict.fromkeys(d.resolve() for d in dirs if d.is_dir()))
 
 
 def available_experiments() -> list[str]:
@@ -76,7 +96,7 @@ def _find(name: str) -> Path:
 
 
 def load_experiment(name: str) -> Experiment:
-    """The experiment called `name` in `experiments/`, or the file at path `name`."""
+    """The experiment `name` (found in `experiment_dirs()`), or the `.py` file at path `name`."""
     path = _find(name)
     mod_name = f"jaxnv_experiment_{path.stem}"
     spec = importlib.util.spec_from_file_location(mod_name, path)

@@ -1,12 +1,13 @@
 """Every benchmark script runs in its CI smoke mode and prints a well-formed results table.
 
 Speed targets are not asserted here (they live in benchmarks/RESULTS.md); what is asserted is
-that each script still runs end to end through `jaxnv bench NAME --quick --no-append`, leaves
-RESULTS.md untouched, and ends with a table whose figures are finite numbers.
+that each script still runs end to end through `jaxnv bench NAME --quick`, leaves RESULTS.md
+untouched (only `--record` appends), and ends with a table whose figures are finite numbers.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -55,6 +56,31 @@ def test_bench_lists_and_rejects_unknown_names():
     assert "did you mean 'overhead'" in wrong.stderr
 
 
+def _common(monkeypatch, tmp_path):
+    """benchmarks/_common.py, writing to a RESULTS.md in tmp_path."""
+    spec = importlib.util.spec_from_file_location("bench_common", os.path.join(BENCH, "_common.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", str(tmp_path / "RESULTS.md"))
+    return module
+
+
+def test_report_appends_only_with_record(monkeypatch, tmp_path, capsys):
+    common = _common(monkeypatch, tmp_path)
+    results = tmp_path / "RESULTS.md"
+    for flags in ([], ["--no-append"], ["--quick"]):  # the default and the old opt-out
+        args = common.parser("doc").parse_args(flags)
+        common.report("x.py", ("case", "ms"), [("a", "1.0")], args)
+        assert not results.exists(), flags
+        assert last_table(capsys.readouterr().out) == [["case", "ms"], ["a", "1.0"]]
+    args = common.parser("doc").parse_args(["--record"])
+    common.report("x.py", ("case", "ms"), [("a", "2.0")], args)
+    text = results.read_text(encoding="utf-8")
+    assert text.startswith("\n### x.py, ") and last_table(text) == [["case", "ms"], ["a", "2.0"]]
+    with pytest.raises(SystemExit):  # asking for both is a usage error, not a silent choice
+        common.parser("doc").parse_args(["--record", "--no-append"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_benchmark_quick_mode(name):
@@ -62,7 +88,7 @@ def test_benchmark_quick_mode(name):
         before = f.read()
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
-        [sys.executable, "-m", "jaxnv.cli", "bench", name, "--quick", "--no-append"],
+        [sys.executable, "-m", "jaxnv.cli", "bench", name, "--quick"],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -76,4 +102,4 @@ def test_benchmark_quick_mode(name):
     assert numbers, f"no figures in the table of {name}: {rows}"
     assert all(math.isfinite(x) for x in numbers), rows
     with open(os.path.join(BENCH, "RESULTS.md"), "rb") as f:
-        assert f.read() == before, "--no-append must leave RESULTS.md alone"
+        assert f.read() == before, "without --record a benchmark must leave RESULTS.md alone"

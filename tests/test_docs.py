@@ -1,4 +1,4 @@
-"""Every runnable Python block in README.md and docs/*.md runs without errors.
+"""Every runnable Python block and marked shell block in README.md and docs/*.md runs cleanly.
 
 Conventions for the markdown:
 
@@ -12,14 +12,26 @@ Conventions for the markdown:
 - A block runs alone, unless its first line is ``# continues``: then the block(s) before it in
   the same file are prepended, back to the nearest runnable block that does not itself start with
   ``# continues``. ``notest`` blocks are never prepended.
-- Blocks in other languages (``bash``, no tag, ...) are not run here.
+- A ``bash`` (or ``sh``) block runs only when marked ``test`` in its info string:
+  ```` ```bash test ````. Keep those cheap (``jaxnv info``, a 20-step run). Each runs alone as
+  ``bash -e -o pipefail`` in a temporary working directory, with the bin directory of the
+  interpreter running the tests (the repository's ``.venv/bin`` under ``make test``) and
+  ``.venv/bin`` first on ``PATH`` (so ``jaxnv`` is this checkout's), ``JAX_PLATFORMS=cpu`` and
+  ``JAXNV_DOC_STEPS=20`` (a block can write ``train.steps=${JAXNV_DOC_STEPS:-300}`` to run
+  shorter here than it reads). It passes when it exits with status 0.
+- Other blocks (unmarked ``bash``, no tag, ...) are not run.
 
 Test ids are ``FILE:N``, where N counts the ``python`` blocks of FILE from 1 (``notest`` ones
-included, so marking a block does not renumber the others).
+included, so marking a block does not renumber the others), and ``FILE:bashN`` for shell blocks,
+where N counts all the ``bash``/``sh`` blocks of FILE.
+
+Figures the README quotes that a test can check are checked here too: the experiments it names
+and the run time it quotes for each (against the ``Time:`` line of the experiment's docstring).
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -32,6 +44,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PYTHON_TAGS = {"python", "py", "python3"}
+SHELL_TAGS = {"bash", "sh"}
+SHELL_MARK = "test"  # ```bash test: run this shell block
+DOC_STEPS = "20"  # $JAXNV_DOC_STEPS in shell blocks
 CONTINUES = "# continues"
 TIMEOUT_S = 300
 TAIL_LINES = 40
@@ -102,6 +117,35 @@ def collect_blocks(path: Path) -> list[Block]:
     return parse_blocks(path.read_text(encoding="utf-8"), path.relative_to(ROOT).as_posix())
 
 
+@dataclass(frozen=True)
+class ShellBlock:
+    file: str  # path relative to the repository root
+    index: int  # 1-based, among all the bash/sh blocks of the file (marked or not)
+    line: int  # 1-based line of the opening fence
+    code: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.file}:bash{self.index}"
+
+
+def parse_shell_blocks(text: str, file: str) -> list[ShellBlock]:
+    """The shell blocks of the markdown ``text`` marked to run (```` ```bash test ````)."""
+    blocks, index = [], 0
+    for line, info, code in _fenced_blocks(text):
+        words = info.lower().split()
+        if not words or words[0] not in SHELL_TAGS:
+            continue
+        index += 1
+        if SHELL_MARK in words[1:]:
+            blocks.append(ShellBlock(file=file, index=index, line=line, code=code))
+    return blocks
+
+
+def collect_shell_blocks(path: Path) -> list[ShellBlock]:
+    return parse_shell_blocks(path.read_text(encoding="utf-8"), path.relative_to(ROOT).as_posix())
+
+
 def script_for(block: Block, blocks: list[Block]) -> str:
     """The source to run for ``block``: itself, after its predecessors if it ``# continues``."""
     chain = [block]
@@ -124,6 +168,9 @@ PARAMS = [
 ]
 
 
+SHELL_BLOCKS = [b for path in DOCS if path.exists() for b in collect_shell_blocks(path)]
+
+
 def _tail(text: str, n: int = TAIL_LINES) -> str:
     return "\n".join(text.rstrip().splitlines()[-n:])
 
@@ -144,6 +191,7 @@ def test_parser_handles_conventions():
     )
     blocks = parse_blocks(text, "x.md")
     assert [b.runnable for b in blocks] == [True, False, True, True]
+    assert parse_shell_blocks(text, "x.md") == []  # an unmarked bash block never runs
     assert blocks[2].code == "# continues\nassert a == 1\n"
     assert blocks[3].code == "```\nb = 2\n"
     script = script_for(blocks[2], blocks)
@@ -173,3 +221,82 @@ def test_doc_block_runs(block: Block, blocks: list[Block], tmp_path):
         f"--- stdout (tail) ---\n{_tail(proc.stdout)}\n"
         f"--- stderr (tail) ---\n{_tail(proc.stderr)}"
     )
+
+
+def test_readme_has_shell_blocks():
+    """Guards the shell parser the same way: the README marks at least one block to run."""
+    assert collect_shell_blocks(ROOT / "README.md"), "no ```bash test block found in README.md"
+
+
+def test_shell_parser_runs_only_marked_blocks():
+    text = (
+        "```bash\nexit 1\n```\n"
+        "```bash test\njaxnv info\n```\n"
+        "```python\na = 1\n```\n"
+        "```sh test\necho hi\n```\n"
+        "```console\n$ exit 1\n```\n"
+    )
+    blocks = parse_shell_blocks(text, "x.md")
+    assert [(b.id, b.line, b.code) for b in blocks] == [
+        ("x.md:bash2", 4, "jaxnv info\n"),
+        ("x.md:bash3", 10, "echo hi\n"),
+    ]
+
+
+@pytest.mark.parametrize("block", SHELL_BLOCKS, ids=[b.id for b in SHELL_BLOCKS])
+def test_doc_shell_block_runs(block: ShellBlock, tmp_path):
+    script = tmp_path / f"{block.file.replace('/', '_')}_bash{block.index}.sh"
+    script.write_text(block.code, encoding="utf-8")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAXNV_DOC_STEPS=DOC_STEPS)
+    bins = [str(Path(sys.executable).parent), str(ROOT / ".venv" / "bin"), env.get("PATH")]
+    env["PATH"] = os.pathsep.join(dict.fromkeys(filter(None, bins)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    work = tmp_path / "cwd"
+    work.mkdir()
+    try:
+        proc = subprocess.run(
+            ["bash", "-e", "-o", "pipefail", str(script)],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{block.id} (line {block.line}) ran past {TIMEOUT_S} s")
+    assert proc.returncode == 0, (
+        f"{block.id} (line {block.line}) exited with {proc.returncode}\n"
+        f"--- stdout (tail) ---\n{_tail(proc.stdout)}\n"
+        f"--- stderr (tail) ---\n{_tail(proc.stderr)}"
+    )
+
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.py") if p.stem[0] != "_")
+# `jaxnv train NAME ...   # what it does, ~15 s` (a line of the README's quickstart)
+QUOTED_TIME = re.compile(r"jaxnv train (\w+)\b.*#.*~(\d+(?:\.\d+)?) ?(s|min)\s*$")
+DOCSTRING_TIME = re.compile(r"^Time:\s+about (\d+(?:\.\d+)?) ?(s|min)\b", re.MULTILINE)
+
+
+def test_readme_names_every_experiment():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert EXPERIMENTS
+    for name in EXPERIMENTS:
+        assert f"jaxnv train {name}" in readme, f"the README's quickstart does not run {name}"
+        assert f"`{name}`" in readme, f"the README's list of experiment names lacks `{name}`"
+
+
+def test_readme_run_times_match_the_experiments_docstrings():
+    quoted = {}
+    for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
+        if m := QUOTED_TIME.search(line):
+            quoted.setdefault(m[1], (m[2], m[3]))
+    assert quoted, "no `jaxnv train NAME  # ..., ~N s` line found in README.md"
+    for name, (value, unit) in quoted.items():
+        path = ROOT / "experiments" / f"{name}.py"
+        assert path.is_file(), f"README.md times an experiment that does not exist: {name}"
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+        if stated := DOCSTRING_TIME.search(doc):  # a docstring without a Time: line is not checked
+            assert (float(value), unit) == (float(stated[1]), stated[2]), (
+                f"README.md says {name} takes ~{value} {unit}; "
+                f"its docstring says about {stated[1]} {stated[2]}"
+            )
