@@ -16,3 +16,9 @@ if "JAXNV_COMPILATION_CACHE" not in os.environ:
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# the session opts in to the persistent compilation cache (the CLI does the same for a run;
+# library calls such as fit() leave JAX's settings alone)
+from jaxnv.train.compilation import enable_compilation_cache  # noqa: E402
+
+enable_compilation_cache()

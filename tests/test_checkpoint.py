@@ -98,14 +98,20 @@ def test_mismatched_model_is_refused_with_the_differing_paths(straight):
     assert "\n" not in str(err.value)
 
 
-def test_resume_without_checkpoints_refuses_and_keeps_files(tmp_path):
+def test_run_stopped_before_its_first_checkpoint_starts_again_and_keeps_its_log(tmp_path, capsys):
     workdir = str(tmp_path / "w")
     train(_exp("checkpoint.every=0", "train.steps=10"), workdir=workdir)
     os.rename(os.path.join(workdir, "checkpoints"), os.path.join(workdir, "moved"))
     before = open(os.path.join(workdir, "metrics.jsonl"), "rb").read()
-    with pytest.raises(FileExistsError, match="new --workdir"):
-        train(_exp("train.steps=10"), workdir=workdir)
-    assert open(os.path.join(workdir, "metrics.jsonl"), "rb").read() == before
+    capsys.readouterr()
+    result = train(_exp("train.steps=10"), workdir=workdir)
+    assert result.summary["resumed_from"] == 0
+    assert "stopped before its first checkpoint" in capsys.readouterr().out
+    (aside,) = [f for f in os.listdir(workdir) if f.startswith("metrics.jsonl.interrupted-")]
+    assert open(os.path.join(workdir, aside), "rb").read() == before  # the old log, intact
+    assert _rows(workdir) == [
+        {k: v for k, v in r.items() if k not in TIMING} for r in result.history
+    ]  # the new log holds only the new run
 
 
 @flax.struct.dataclass

@@ -90,6 +90,8 @@ monitoring.register_event_listener(listen)
 from jaxnv import apply_overrides
 from jaxnv.experiment import load_experiment
 from jaxnv.train import train
+from jaxnv.train.compilation import enable_compilation_cache
+enable_compilation_cache()  # what the CLI does; a library call leaves JAX's settings alone
 exp = load_experiment("house_prices")
 exp.config = apply_overrides(exp.config, ["train.steps=2", "logging.progress=false",
     "logging.tensorboard=false", "logging.mfu=false"])

@@ -13,6 +13,8 @@ from flax import nnx
 
 from jaxnv import cli
 from jaxnv import config as config_lib
+from jaxnv.config import DataConfig
+from jaxnv.data import make_dataset
 from jaxnv.experiment import load_experiment
 from jaxnv.serve.export import export_predict, export_workdir, load
 from jaxnv.train import train
@@ -49,13 +51,20 @@ def runs(tmp_path_factory):
         x = np.asarray(result.data.eval["x"][: max(BATCHES)])
         path = export_workdir(exp, str(root / name), str(root / f"{name}.export"))
         jitted = jax.jit(lambda p, ms, x, g=result.graphdef: nnx.merge(g, p, ms)(x, None))
+        eager = np.asarray(model(x, None))  # the model as the experiment code runs it
+        fn = np.asarray(jitted(policy.cast_to_compute(s.params), s.model_state, x))
+        pre = result.data.info.get("preprocessing")
+        if pre:  # the export takes raw features and returns raw outputs (house_prices: k$)
+            x = (x * pre["input_std"] + pre["input_mean"]).astype(np.float32)
+            eager = eager * np.float32(pre["output_std"][0]) + np.float32(pre["output_mean"][0])
+            fn = fn * np.float32(pre["output_std"][0]) + np.float32(pre["output_mean"][0])
         out[name] = {
             "exp": exp,
             "workdir": str(root / name),
             "path": path,
             "x": x,
-            "eager": np.asarray(model(x, None)),  # the model as the experiment code runs it
-            "jit": np.asarray(jitted(policy.cast_to_compute(s.params), s.model_state, x)),
+            "eager": eager,
+            "jit": fn,
             "policy": policy,
             "model": (result.graphdef, s.params, s.model_state),
         }
@@ -278,3 +287,19 @@ def test_platforms_are_checked(runs, tmp_path):
     with pytest.raises(ValueError) as err:
         load(path)
     assert "was made for cuda, not cpu" in _one_line(err)
+
+
+def test_house_export_takes_raw_features_and_records_how(runs):
+    """The data set's standardization is compiled in: raw features (m2, rooms, years, km) in,
+    prices in k$ out, and the manifest says so."""
+    predictor = load(runs["house"]["path"])
+    info = make_dataset(DataConfig(name="house_prices")).info
+    pre = predictor.manifest["preprocessing"]
+    np.testing.assert_allclose(pre["input_mean"], info["feature_mean"])
+    np.testing.assert_allclose(pre["output_std"], [info["price_std"]])
+    graphdef, params, model_state = runs["house"]["model"]
+    model = nnx.merge(graphdef, params, model_state)
+    raw = np.array([[120.0, 3.0, 20.0, 5.0], [60.0, 1.0, 70.0, 25.0]], np.float32)
+    standardized = (raw - info["feature_mean"]) / info["feature_std"]
+    price = np.asarray(model(standardized.astype(np.float32))) * info["price_std"]
+    np.testing.assert_allclose(predictor(raw), price + info["price_mean"], rtol=1e-5, atol=1e-3)

@@ -58,6 +58,13 @@ def house_prices(num_train: int, num_eval: int, noise: float, seed: int) -> Data
         "feature_std": std,
         "price_mean": price_mean,
         "price_std": price_std,
+        # how raw features become x and y becomes a price: an export compiles this in
+        "preprocessing": {
+            "input_mean": mean,
+            "input_std": std,
+            "output_mean": [price_mean],
+            "output_std": [price_std],
+        },
     }
     return _split(x, y, num_train, 4, 1, "regression", info)
 
@@ -99,7 +106,8 @@ def digits(num_eval: int = 360, seed: int = 0) -> Dataset:
         from sklearn.datasets import load_digits
     except ImportError:
         raise ImportError(
-            "data.name=digits needs scikit-learn: pip install -e '.[digits]'"
+            "data.name=digits needs scikit-learn: pip install 'jaxnv[digits]' "
+            "(in a checkout: pip install -e '.[digits]')"
         ) from None
     bunch = load_digits()
     order = np.random.default_rng(seed).permutation(len(bunch.target))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxnv.core.precision import Policy, get_policy
+from jaxnv.models.sharding import unsharded_init
 
 NORMS = ("batch", "group", "none")
 _CONV_AXES = (None, None, "conv_in", "conv_out")
@@ -122,6 +123,7 @@ class CNN(nnx.Module):
         logits = model(jnp.ones((8, 28, 28)))  # (8, 10)
     """
 
+    @unsharded_init
     def __init__(
         self,
         in_channels: int,

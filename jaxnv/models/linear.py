@@ -6,6 +6,7 @@ import jax
 from flax import nnx
 
 from jaxnv.core.precision import Policy, get_policy
+from jaxnv.models.sharding import unsharded_init
 
 
 class Linear(nnx.Module):
@@ -17,6 +18,7 @@ class Linear(nnx.Module):
         y = model(jnp.ones((8, 4)))  # (8, 1)
     """
 
+    @unsharded_init
     def __init__(
         self,
         in_features: int,

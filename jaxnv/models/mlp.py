@@ -8,6 +8,7 @@ import jax
 from flax import nnx
 
 from jaxnv.core.precision import Policy, get_policy
+from jaxnv.models.sharding import unsharded_init
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -40,6 +41,7 @@ class MLP(nnx.Module):
         y = model(jnp.ones((16, 10)))  # (16, 1)
     """
 
+    @unsharded_init
     def __init__(
         self,
         in_features: int,

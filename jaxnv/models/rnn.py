@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxnv.core.precision import Policy, get_policy
+from jaxnv.models.sharding import unsharded_init
 
 HEADS = ("last", "sequence")
 
@@ -86,6 +87,7 @@ class LSTM(nnx.Module):
         y = model(jnp.ones((4, 16, 8)))  # (4, 10)
     """
 
+    @unsharded_init
     def __init__(
         self,
         in_features: int,

@@ -27,6 +27,7 @@ from flax import nnx
 
 from jaxnv.core.precision import Policy, accumulating_dtype, get_policy
 from jaxnv.models.mlp import get_activation
+from jaxnv.models.sharding import unsharded_init
 
 REMAT_POLICIES = {
     "none": None,
@@ -244,6 +245,7 @@ class Transformer(nnx.Module):
         logits = model(jnp.zeros((4, 16), jnp.int32))  # (4, 16, 37)
     """
 
+    @unsharded_init
     def __init__(
         self,
         vocab_size: int,

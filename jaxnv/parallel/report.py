@@ -275,6 +275,14 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
+def _size(n: float) -> str:
+    """Bytes in the unit that reads best: 812 B, 3.2 KiB, 14.53 MiB, 1.20 GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
 def format_report(run, compiled=None) -> str:
     """Mesh, rules, per-device param/optimizer bytes and (given the compiled step) collectives."""
     plan, state = run.plan, run.state
@@ -284,8 +292,8 @@ def format_report(run, compiled=None) -> str:
     )
     lines = [
         f"mesh {dict(plan.mesh.shape)}, rules {plan.rules or 'dp (replicated params)'}",
-        f"per device: params {_mib(params)} of {_mib(full)}, "
-        f"optimizer state {_mib(per_device_bytes(state.opt_state))}",
+        f"per device: params {_size(params)} of {_size(full)}, "
+        f"optimizer state {_size(per_device_bytes(state.opt_state))}",
     ]
     if compiled is not None:
         ops = collectives(compiled.as_text(), plan.mesh.size)

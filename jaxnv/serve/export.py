@@ -4,6 +4,10 @@
     predictor = load("exports/house")   # needs jax and numpy only: no experiment, no model code
     y = predictor(x)                    # numpy (B, 4) float32 in, numpy (B, 1) float32 out
 
+A data set that standardizes its arrays declares it in `info["preprocessing"]`; the export then
+compiles that in, so it takes raw inputs (house_prices: m2, rooms, years, km) and returns raw
+outputs (k$).
+
 An export is a directory (written to a temporary sibling, then renamed into place):
 
     OUT/
@@ -37,6 +41,7 @@ FORMAT = "jaxnv-export"
 FORMAT_VERSION = 1
 MANIFEST, FUNCTION, ARRAYS = "manifest.json", "predict.jaxexport", "params.npz"
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export lowers for, on any machine
+PREPROCESSING = {"input_mean", "input_std", "output_mean", "output_std"}
 
 
 def _flatten(tree: Any, prefix: str) -> dict[str, Any]:
@@ -102,8 +107,13 @@ def export_predict(
     platforms: tuple[str, ...] = ("cpu", "cuda"),
     config: dict | None = None,
     meta: dict | None = None,
+    preprocessing: dict | None = None,
 ) -> str:
     """Serialize `predict(params, model_state, x) = model(x)` (eval mode) to the directory `path`.
+
+    `preprocessing` (the data set's `info["preprocessing"]`: `input_mean`, `input_std`,
+    `output_mean`, `output_std`, each optional) is compiled into the function and recorded in the
+    manifest: the export then takes inputs in their raw units and returns outputs in theirs.
 
     `example_input` (e.g. `data.eval["x"][:1]`) gives the per-example shape and dtype; its batch
     dimension becomes symbolic. Params are stored in their own (param) dtype and cast to the
@@ -116,6 +126,12 @@ def export_predict(
     x = np.asarray(example_input)
     if x.ndim < 1:
         raise ValueError(f"example input has shape {x.shape}: it needs a leading batch dimension")
+    pre = {k: np.asarray(v, np.float32) for k, v in (preprocessing or {}).items()}
+    if set(pre) - PREPROCESSING or ("input_mean" in pre) != ("input_std" in pre):
+        raise ValueError(
+            f"preprocessing keys {sorted(pre)}: give input_mean with input_std and/or "
+            "output_mean with output_std"
+        )
     flat = {**_flatten(params, "params"), **_flatten(model_state, "model_state")}
     arrays = {k: np.asarray(jax.device_get(v)) for k, v in flat.items()}
     # jax.export serializes dicts with string keys only; NNX lists have int keys. The function
@@ -127,7 +143,13 @@ def export_predict(
         p, s = jax.tree.unflatten(treedef, [by_key[k] for k in order])
         model = nnx.merge(graphdef, policy.cast_to_compute(p), s)
         model.eval()  # NNX's eval mode: no dropout, BatchNorm on its running statistics
-        return model(x)
+        b = {k: v[None] for k, v in pre.items()}  # (1, ...): broadcast over the batch dim
+        if "input_mean" in pre:
+            x = ((x - b["input_mean"]) / b["input_std"]).astype(x.dtype)
+        y = model(x)
+        if "output_mean" in pre:
+            y = (y * b["output_std"] + b["output_mean"]).astype(y.dtype)
+        return y
 
     specs = _nest({k: jax.ShapeDtypeStruct(a.shape, a.dtype) for k, a in arrays.items()})
     x_spec = jax.ShapeDtypeStruct(jax.export.symbolic_shape("b, ...", like=x.shape), x.dtype)
@@ -148,6 +170,8 @@ def export_predict(
         "arrays": {k: {"shape": list(a.shape), "dtype": a.dtype.name} for k, a in arrays.items()},
         "config": config,
         "meta": meta or {},
+        # compiled into predict: inputs and outputs are in these raw units
+        "preprocessing": {k: v.tolist() for k, v in pre.items()},
     }
     parent, base = os.path.split(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
@@ -264,6 +288,15 @@ def load(path: str) -> Predictor:
     return Predictor(path)
 
 
+def _raw_example(data):
+    """One held-out example in the units the export takes (raw, when the data set standardized)."""
+    x = np.asarray(data.eval["x"][:1])
+    pre = data.info.get("preprocessing") or {}
+    if "input_mean" in pre:
+        x = (x * np.asarray(pre["input_std"]) + np.asarray(pre["input_mean"])).astype(x.dtype)
+    return x
+
+
 def export_workdir(
     exp, workdir: str, out: str, *, platforms: tuple[str, ...] = ("cpu", "cuda")
 ) -> str:
@@ -295,8 +328,9 @@ def export_workdir(
         state.params,
         state.model_state,
         run.policy,
-        run.data.eval["x"][:1],
+        _raw_example(run.data),
         out,
+        preprocessing=run.data.info.get("preprocessing"),
         config=config_lib.to_dict(run.cfg),
         platforms=platforms,
         meta={"experiment": exp.name, "step": step},

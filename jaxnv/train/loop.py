@@ -58,7 +58,6 @@ from jaxnv.experiment import Experiment
 from jaxnv.parallel.distributed import is_primary
 from jaxnv.parallel.mesh import MeshConfig, Plan, batch_divisor, make_mesh, make_plan, put_batch
 from jaxnv.parallel.report import compile_step, format_report
-from jaxnv.train.compilation import enable_compilation_cache
 from jaxnv.train.nonfinite import NonFiniteMonitor
 from jaxnv.train.profiling import ProfileWindow, measure_peak_flops, step_flops
 from jaxnv.train.writers import BestTracker, Throughput, Writers, to_scalars, tokens_per_example
@@ -312,7 +311,6 @@ def build(exp: Experiment, devices=None, *, abstract: bool = False) -> Run:
     state is only shapes and shardings (`jax.ShapeDtypeStruct`s): nothing is allocated, which is
     what a dry run and a restore need.
     """
-    enable_compilation_cache()  # $JAXNV_COMPILATION_CACHE, else ~/.cache/jaxnv/xla; "off": none
     cfg = config_lib.validate(exp.config)
     t = cfg.train
     data = exp.make_data(cfg)
@@ -448,7 +446,6 @@ def fit(
     `evaluators` map a name to `fn(model, eval_data) -> dict` of extra eval metrics (the model in
     eval mode). The result's `.model` is the trained module in eval mode.
     """
-    enable_compilation_cache()
     mesh_cfg = mesh if isinstance(mesh, MeshConfig) else MeshConfig(**dict(mesh or {}))
     if rules is not None:
         mesh_cfg = dataclasses.replace(mesh_cfg, rules=rules)
@@ -507,9 +504,9 @@ def fit(
 
 def _resume_or_init(run: Run, workdir: str | None, ckpt: Checkpointer | None, best):
     """`(state, start, meta)`: the newest checkpoint restored onto the run's (abstract) state, or
-    a fresh state. Creates the workdir; a workdir with metrics but no checkpoint is refused
-    (nothing on disk is overwritten). On resume, `metrics.jsonl` rows after the checkpoint's step
-    are dropped so the log continues without duplicates.
+    a fresh state. Creates the workdir; the log of a run stopped before its first checkpoint is
+    moved aside (never overwritten) and the run starts again. On resume, `metrics.jsonl` rows
+    after the checkpoint's step are dropped so the log continues without duplicates.
     """
     if workdir is None:
         return (run.init() if _is_abstract(run.state) else run.state), 0, {}
@@ -527,6 +524,8 @@ def _resume_or_init(run: Run, workdir: str | None, ckpt: Checkpointer | None, be
                 )
             if is_primary():
                 print(f"resuming at step {start}: skipping {start} batches of the data", flush=True)
+        if is_primary():  # config.json describes the latest run of this workdir
+            _write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(run.cfg))
         if os.path.exists(metrics_path) and is_primary():
             with open(metrics_path, encoding="utf-8") as f:
                 keep = [line for line in f if json.loads(line)["step"] <= start]
@@ -535,16 +534,27 @@ def _resume_or_init(run: Run, workdir: str | None, ckpt: Checkpointer | None, be
                 f.writelines(keep)
             os.replace(tmp, metrics_path)  # atomic: the old log is never half-written
         return state, start, meta
-    if os.path.exists(metrics_path) and os.path.getsize(metrics_path) > 0:
-        raise FileExistsError(
-            f"workdir {workdir!r} already holds a run without checkpoints: pass a new --workdir "
-            "or remove the old one"
+    if os.path.exists(metrics_path) and os.path.getsize(metrics_path) > 0 and is_primary():
+        # a run stopped before its first checkpoint: start again, its log kept beside
+        aside = f"{metrics_path}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(metrics_path, aside)
+        print(
+            f"jaxnv: {workdir} holds a run stopped before its first checkpoint: starting again "
+            f"(its log moved to {os.path.basename(aside)})",
+            flush=True,
         )
     os.makedirs(workdir, exist_ok=True)
     if is_primary():
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(config_lib.to_dict(run.cfg), f, indent=2)
+        _write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(run.cfg))
     return (run.init() if _is_abstract(run.state) else run.state), 0, {}
+
+
+def _write_json(path: str, data) -> None:
+    """Write `data` to `path` atomically (a reader sees the old file or the new one)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
 
 
 def _is_abstract(state) -> bool:
@@ -589,6 +599,18 @@ def _steps(run, workdir, callbacks, ckpt, best, state, start, restored) -> Train
     """The loop proper: steps, logging windows, evaluation, checkpoints, hooks; the summary."""
     cfg, t, log = run.cfg, run.cfg.train, run.cfg.logging
     primary = is_primary()  # only process 0 writes logs and metrics
+    first = run.batches.sample()
+    if primary:  # start-up lines first, then the progress bar
+        lines = []
+        if log.progress:
+            # collectives are read from a compiled step: only worth a compilation on a real mesh
+            many = run.plan.mesh.size > 1
+            lines.append(format_report(run, compile_step(run) if many else None))
+        lines += [n for n in (run.plan.unnamed_note(), *backend_notes(run.policy)) if n]
+        if start:
+            lines.append(f"resuming from step {start} (checkpoint {ckpt.directory}/{start})")
+        if lines:
+            print("\n".join(lines), flush=True)
     writers = Writers.open(
         workdir if primary else None,
         t.steps,
@@ -600,16 +622,7 @@ def _steps(run, workdir, callbacks, ckpt, best, state, start, restored) -> Train
     writers.start_at(start)
     tb_dir = os.path.join(workdir, "tensorboard") if workdir and primary else None
     profile = ProfileWindow(log.profile_steps, tb_dir)
-    first = run.batches.sample()
     speed = Throughput(start, t.batch_size, tokens_per_example(first))
-    if primary and log.progress:
-        # collectives are read from a compiled step: only worth a compilation on a real mesh
-        many = run.plan.mesh.size > 1
-        print(format_report(run, compile_step(run) if many else None), flush=True)
-    notes = [run.plan.unnamed_note(), *backend_notes(run.policy)]
-    for note in notes if primary else ():
-        if note:
-            print(note, flush=True)
     flops, peak = _flops_and_peak(log, run, state, _global_sample(run, first))
     history: list[dict[str, Any]] = []
 
@@ -726,7 +739,7 @@ def _steps(run, workdir, callbacks, ckpt, best, state, start, restored) -> Train
         "rollbacks": monitor.rollbacks,
         **best.summary(),
         **{f"eval_{k}": v for k, v in eval_scalars.items()},
-        **(run.summarize(result) if run.summarize else {}),
+        **_summarize(run, result),
     }
     if workdir is not None and primary:
         with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
@@ -734,6 +747,17 @@ def _steps(run, workdir, callbacks, ckpt, best, state, start, restored) -> Train
     for cb in callbacks:
         cb.on_end(result)
     return result
+
+
+def _summarize(run: Run, result: TrainResult) -> dict:
+    """The experiment's own summary lines; a failing hook is a warning, never a failed run."""
+    if not run.summarize:
+        return {}
+    try:
+        return run.summarize(result)
+    except Exception as err:  # the run itself finished: keep its checkpoint and logs
+        print(f"jaxnv: warning: summarize failed ({type(err).__name__}: {err})", flush=True)
+        return {"summarize_error": f"{type(err).__name__}: {err}"}
 
 
 def _global_sample(run: Run, sample):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -57,12 +58,19 @@ class TensorBoardWriter:
 
 
 class ProgressWriter:
-    """A tqdm bar over the training steps showing loss and steps/s (ETA from tqdm)."""
+    """Progress on the console: a tqdm bar over the steps (its rate is steps/s; the postfix shows
+    loss, accuracy and tokens/s) on a terminal, else one line a logged window (logs, `launch`)."""
 
-    def __init__(self, total: int, initial: int = 0, enabled: bool = True):
+    KEYS = ("loss", "accuracy", "tokens_per_sec")
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, tty: bool | None = None):
         from tqdm import tqdm
 
-        self._bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step")
+        self.total, self.enabled = total, enabled
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self._bar = tqdm(
+            total=total, initial=initial, disable=not (enabled and self.tty), unit="step"
+        )
         self._last = initial
 
     def start_at(self, step: int) -> None:
@@ -70,15 +78,20 @@ class ProgressWriter:
         self._last = step
 
     def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
-        if split == "train":
+        shown = {k: scalars[k] for k in self.KEYS if k in scalars}
+        if split == "train" and self.tty:
             self._bar.update(step - self._last)
             self._last = step
-            keys = ("loss", "accuracy", "steps_per_sec")
-            self._bar.set_postfix({k: f"{scalars[k]:.4g}" for k in keys if k in scalars})
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
+            return
+        if split == "train":
+            if not self.enabled:
+                return
+            shown = {**shown, "steps_per_sec": scalars.get("steps_per_sec", float("nan"))}
         else:
-            self._bar.write(
-                f"step {step} {split}: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items())
-            )
+            shown = scalars
+        text = ", ".join(f"{k}={v:.4g}" for k, v in shown.items())
+        self._bar.write(f"step {step}/{self.total} {split}: {text}")
 
     def close(self) -> None:
         self._bar.close()
