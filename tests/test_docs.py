@@ -300,3 +300,34 @@ def test_readme_run_times_match_the_experiments_docstrings():
                 f"README.md says {name} takes ~{value} {unit}; "
                 f"its docstring says about {stated[1]} {stated[2]}"
             )
+
+
+DISTRIBUTED_ROWS = {  # the mesh column of docs/distributed.md's table -> its overrides
+    "`fsdp`, data 2 × fsdp 4": ["mesh.rules=fsdp", "mesh.data=2", "mesh.fsdp=4"],
+    "`tp`, data 2 × tensor 4": ["mesh.rules=tp", "mesh.data=2", "mesh.tensor=4"],
+    "`fsdp+tp`, fsdp 4 × tensor 2": ["mesh.rules=fsdp+tp", "mesh.fsdp=4", "mesh.tensor=2"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", sorted(DISTRIBUTED_ROWS))
+def test_distributed_md_collective_figures_match_the_compiled_step(row):
+    """The bytes docs/distributed.md quotes are the ones the dry run reports today."""
+    import jax
+
+    from jaxnv import apply_overrides
+    from jaxnv.experiment import load_experiment
+    from jaxnv.parallel.report import compile_step, format_report
+    from jaxnv.train import build
+
+    text = (ROOT / "docs" / "distributed.md").read_text(encoding="utf-8")
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"| {row} |"))
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    exp = load_experiment("char_gpt")
+    exp.config = apply_overrides(exp.config, DISTRIBUTED_ROWS[row])
+    run = build(exp, jax.devices()[:8], abstract=True)
+    report = format_report(run, compile_step(run))
+    sent = re.search(r"collectives per step per device: ([\d.]+ MiB) sent", report).group(1)
+    gpu = re.search(r"reduce-scatters on GPU, ([\d.]+ MiB) sent there", report)
+    assert cells[2] == sent, report
+    assert cells[3] == (gpu.group(1) if gpu else sent), report
