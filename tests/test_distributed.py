@@ -56,6 +56,8 @@ def test_two_processes_reproduce_the_single_device_curve(tmp_path):
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 31))  # one writer
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     assert "[1] jaxnv: done in" not in proc.stdout and "[0] jaxnv: done in" in proc.stdout
+    assert "[Gloo]" not in proc.stdout  # gloo's connection chatter is filtered
+    assert "\r" not in proc.stdout  # not a terminal: a line a logged window, no bar redraws
 
 
 @pytest.mark.slow

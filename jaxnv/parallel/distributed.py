@@ -11,6 +11,7 @@ jobsets, ...) are joined with `jax.distributed.initialize()`'s own detection.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -61,8 +62,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# gloo's connection reports, one per process pair and collective group: noise, not news
+_CHATTER = re.compile(r"^\[Gloo\] Rank \d+ is connected to \d+ peer ranks")
+
+
 def _stream(proc: subprocess.Popen, prefix: str) -> None:
     for line in iter(proc.stdout.readline, ""):
+        if _CHATTER.match(line):
+            continue
         sys.stdout.write(f"{prefix}{line}")
         sys.stdout.flush()
 
