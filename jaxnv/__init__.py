@@ -60,7 +60,7 @@ _LOOP = ("Callback", "EarlyStopping", "StepInfo", "TrainResult", "fit")
 
 def __getattr__(name):
     if name in _LOOP:
-        from jaxnv.train import loop
+        import jaxnv.train
 
-        return getattr(loop, name)
+        return getattr(jaxnv.train, name)
     raise AttributeError(f"module 'jaxnv' has no attribute {name!r}")

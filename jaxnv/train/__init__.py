@@ -1,8 +1,9 @@
-"""The training loop (`loop`) and what runs beside it: writers, profiling and MFU, non-finite
-handling and the compilation cache."""
+"""The training loop (`loop`), its Python entry point (`fit`), hooks (`callbacks`) and what runs
+beside it: writers, profiling and MFU, non-finite handling and the compilation cache."""
 
+from jaxnv.train.callbacks import Callback, EarlyStopping, StepInfo
+from jaxnv.train.fit import fit
 from jaxnv.train.loop import (
-    Callback,
     Run,
     TrainResult,
     build,
@@ -14,11 +15,14 @@ from jaxnv.train.loop import (
 
 __all__ = [
     "Callback",
+    "EarlyStopping",
     "Run",
+    "StepInfo",
     "TrainResult",
     "build",
     "evaluate",
     "evaluate_workdir",
+    "fit",
     "micro_batches_for",
     "train",
 ]

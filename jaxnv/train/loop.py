@@ -1,11 +1,10 @@
 """The one training loop, behind `fit` (any NNX model, any data) and `jaxnv train` (a config).
 
-    result = fit(model, loss_fn, batches, steps=1000, optimizer=optax.adamw(1e-3), workdir="runs/a")
     result = train(load_experiment("house_prices"), workdir="runs/house")
 
-Both build a `Run` (policy, mesh plan, abstract state, compiled steps, batches) and hand it to
-`_train`, which resumes from the workdir's newest checkpoint or initialises, runs the steps,
-evaluates, logs, saves and finishes with a summary.
+Both this and `fit` (train/fit.py) build a `Run` (policy, mesh plan, abstract state, compiled
+steps, batches) and hand it to `_train`, which resumes from the workdir's newest checkpoint or
+initialises, runs the steps, evaluates, logs, saves and finishes with a summary.
 """
 
 from __future__ import annotations
@@ -21,14 +20,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from jaxnv import __version__
 from jaxnv import config as config_lib
 from jaxnv.checkpoint.manager import Checkpointer
 from jaxnv.checkpoint.preemption import Preempted, PreemptionGuard
-from jaxnv.core.optim import OptimizerConfig, make_optimizer, make_schedule
+from jaxnv.core.optim import make_optimizer, make_schedule
 from jaxnv.core.precision import (
     DynamicLossScale,
     Policy,
@@ -56,64 +54,14 @@ from jaxnv.data.pipeline import IndexedBatches, IterableBatches, StepBatches, ev
 from jaxnv.data.sources import Dataset
 from jaxnv.experiment import Experiment
 from jaxnv.parallel.distributed import is_primary
-from jaxnv.parallel.mesh import MeshConfig, Plan, batch_divisor, make_mesh, make_plan, put_batch
+from jaxnv.parallel.mesh import Plan, batch_divisor, make_mesh, make_plan, put_batch
 from jaxnv.parallel.report import compile_step, format_report
+from jaxnv.train.callbacks import Callback, EarlyStopping, StepInfo  # noqa: F401 (re-exported)
 from jaxnv.train.nonfinite import NonFiniteMonitor
 from jaxnv.train.profiling import ProfileWindow, measure_peak_flops, step_flops
 from jaxnv.train.writers import BestTracker, Throughput, Writers, to_scalars, tokens_per_example
 
 TIMING_KEYS = ("steps_per_sec", "examples_per_sec", "tokens_per_sec", "mfu")  # differ run to run
-
-
-@dataclasses.dataclass
-class StepInfo:
-    """What a hook sees after a step: values already on the host. `state` is the live state,
-    valid during the call only (the next step donates its buffers): copy what you keep."""
-
-    step: int  # steps done
-    metrics: dict[str, float]
-    state: TrainState
-
-
-class Callback:
-    """Hooks called on the host between steps; override what you need. `on_step` and `on_eval`
-    may return True to stop the run (after a checkpoint of that step)."""
-
-    def on_step(self, info: StepInfo) -> bool | None:
-        """After every step, with that step's metrics fetched (a device sync each step)."""
-
-    def on_log(self, step: int, split: str, scalars: dict[str, float], state: TrainState):
-        """After each logged window (`split="train"`) and each evaluation (`"eval"`)."""
-
-    def on_eval(self, step: int, metrics: dict[str, float], state: TrainState) -> bool | None:
-        """After each evaluation, with its metrics (custom evaluators' included)."""
-
-    def on_save(self, step: int, directory: str):
-        """After a checkpoint of `step` was started under `directory`."""
-
-    def on_end(self, result: TrainResult):
-        """Once, after the last step and the final evaluation."""
-
-
-class EarlyStopping(Callback):
-    """Stop when the eval `metric` has not improved by `min_delta` in `patience` evaluations."""
-
-    def __init__(self, metric: str = "loss", patience: int = 3, mode: str = "min", min_delta=0.0):
-        if mode not in ("min", "max"):
-            raise ValueError(f"EarlyStopping mode={mode!r}: use 'min' or 'max'")
-        self.metric, self.patience, self.mode, self.min_delta = metric, patience, mode, min_delta
-        self.best: float | None = None
-        self.waited = 0
-
-    def on_eval(self, step, metrics, state):
-        if self.metric not in metrics:
-            raise KeyError(f"EarlyStopping: no eval metric {self.metric!r} in {sorted(metrics)}")
-        value = metrics[self.metric] * (1 if self.mode == "min" else -1)
-        if self.best is None or value < self.best - self.min_delta:
-            self.best, self.waited = value, 0
-            return False
-        self.waited += 1
-        return self.waited >= self.patience
 
 
 @dataclasses.dataclass
@@ -358,148 +306,6 @@ def train(
     rng, loss scale and the logged windows all follow from the restored checkpoint.
     """
     return _train(build(exp, devices, abstract=True), workdir, list(callbacks))
-
-
-def _as_batches(data, batch_size, seed, on_resume):
-    """The training feed for `data`: arrays and Datasets are shuffled and batched per step;
-    random-access sources of batches are indexed by step; anything else is iterated."""
-    if isinstance(data, Dataset):
-        data = data.train
-    if isinstance(data, Mapping):
-        if batch_size is None:
-            raise ValueError("fit: arrays need batch_size=N (the global batch) to be batched")
-        return StepBatches(
-            {k: np.asarray(v) for k, v in data.items()},
-            batch_size,
-            seed,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-    if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, str):
-        return IndexedBatches(data)
-    if isinstance(data, Iterable):
-        return IterableBatches(data, on_resume)
-    raise TypeError(
-        f"fit: train_data of type {type(data).__name__} is not data: pass an iterable of batches "
-        "(dicts of arrays), a jaxnv Dataset, a dict of arrays with batch_size, or a grain dataset"
-    )
-
-
-def _check_eval_data(data):
-    if data is None or isinstance(data, Dataset | Mapping) or callable(data):
-        return data
-    if iter(data) is data:
-        raise ValueError(
-            "fit: eval_data is a one-shot iterator, which cannot be evaluated twice: pass a list "
-            "of batches, a grain MapDataset, or a function that returns a fresh iterable"
-        )
-    return data
-
-
-def fit(
-    model: nnx.Module | Callable[[nnx.Rngs], nnx.Module],
-    loss_fn: Callable,
-    train_data,
-    *,
-    steps: int,
-    optimizer: optax.GradientTransformation | OptimizerConfig | None = None,
-    eval_data=None,
-    batch_size: int | None = None,
-    workdir: str | None = None,
-    precision: str | Policy | None = None,
-    mesh: MeshConfig | Mapping[str, int] | None = None,
-    rules: str | Mapping[str, str | None] | None = None,
-    devices=None,
-    callbacks: Iterable[Callback] = (),
-    evaluators: Mapping[str, Callable] | None = None,
-    seed: int = 0,
-    micro_batches: int = 1,
-    log_every: int = 10,
-    eval_every: int = 0,
-    eval_batch_size: int = 256,
-    checkpoint_every: int = 0,
-    keep: int = 3,
-    keep_best: int = 0,
-    best_metric: str = "loss",
-    best_mode: str = "min",
-    on_resume: str = "refuse",
-    on_nonfinite: str = "skip",
-    progress: bool = True,
-    tensorboard: bool = True,
-    mfu: bool = True,
-    name: str = "fit",
-) -> TrainResult:
-    """Train any Flax NNX model on any data; the same loop as `jaxnv train`.
-
-    `model` is a module (its current weights are the start) or a factory `rngs -> Module`.
-    `loss_fn(model, batch, rng)` returns a loss, `(loss, aux)`, or a `losses.Weighted` (with or
-    without aux) for an exact mean over tokens. `train_data` is an iterable or iterator of batches
-    (pytrees of numpy or jax arrays), a list or grain `MapDataset` of batches (indexed by step:
-    exact resume), a grain `IterDataset`, or a jaxnv `Dataset` / dict of arrays (shuffled per epoch,
-    `batch_size` rows a step). `eval_data` likewise, re-iterable (or a function returning an
-    iterable); a `Dataset` evaluates on its eval split by default. `optimizer` is an optax
-    transformation or an `OptimizerConfig` (default: adamw with jaxnv's defaults).
-
-    With a `workdir`, the run writes `config.json`, `metrics.jsonl`, TensorBoard and orbax
-    checkpoints, and running `fit` again on it resumes. An iterable's position cannot be stored:
-    `on_resume="skip"` fast-forwards a fresh pass over it, `"refuse"` (default) stops with an error.
-    `evaluators` map a name to `fn(model, eval_data) -> dict` of extra eval metrics (the model in
-    eval mode). The result's `.model` is the trained module in eval mode.
-    """
-    mesh_cfg = mesh if isinstance(mesh, MeshConfig) else MeshConfig(**dict(mesh or {}))
-    if rules is not None:
-        mesh_cfg = dataclasses.replace(mesh_cfg, rules=rules)
-    policy = get_policy(precision or "fp32")
-    opt_cfg = optimizer if isinstance(optimizer, OptimizerConfig) else OptimizerConfig()
-    cfg = config_lib.Config(
-        optimizer=opt_cfg,
-        precision=config_lib.PrecisionConfig(policy=str(policy)),
-        train=config_lib.TrainConfig(
-            steps=steps,
-            batch_size=batch_size or 0,
-            seed=seed,
-            eval_every=eval_every,
-            eval_batch_size=eval_batch_size,
-            micro_batches=micro_batches,
-            on_nonfinite=on_nonfinite,
-            best_metric=best_metric,
-            best_mode=best_mode,
-        ),
-        mesh=mesh_cfg,
-        checkpoint=config_lib.CheckpointConfig(
-            every=checkpoint_every, keep=keep, keep_best=keep_best
-        ),  # fmt: skip
-        logging=config_lib.LoggingConfig(
-            log_every=log_every, tensorboard=tensorboard, progress=progress, mfu=mfu
-        ),
-    )
-    if isinstance(optimizer, optax.GradientTransformation):
-        tx, lr_fn = optimizer, None
-    else:
-        updates = steps // opt_cfg.accumulate_steps
-        tx, lr_fn = make_optimizer(opt_cfg, updates), make_schedule(opt_cfg, updates)
-    batches = _as_batches(train_data, batch_size, seed, on_resume)
-    if eval_data is None and isinstance(train_data, Dataset):
-        eval_data = train_data.eval
-    loss_scale = make_loss_scale("auto", policy)
-    run = _assemble(
-        cfg,
-        model,
-        loss_fn,
-        batches,
-        tx,
-        lr_fn,
-        policy,
-        loss_scale,
-        devices,
-        True,
-        data=train_data if isinstance(train_data, Dataset) else None,
-        eval_data=_check_eval_data(eval_data),
-        name=name,
-        evaluators=dict(evaluators or {}),
-    )
-    run.cfg.train.batch_size = jax.tree.leaves(run.train_step.batch_spec)[0].shape[0]
-    return _train(run, workdir, list(callbacks))
 
 
 def _resume_or_init(run: Run, workdir: str | None, ckpt: Checkpointer | None, best):
