@@ -171,6 +171,21 @@ PARAMS = [
 SHELL_BLOCKS = [b for path in DOCS if path.exists() for b in collect_shell_blocks(path)]
 
 
+def _run_block(block, cmd, cwd, env) -> None:
+    """Run one block's script; fail with its id, line and output tails unless it exits 0."""
+    try:
+        proc = subprocess.run(
+            cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{block.id} (line {block.line}) ran past {TIMEOUT_S} s")
+    assert proc.returncode == 0, (
+        f"{block.id} (line {block.line}) exited with {proc.returncode}\n"
+        f"--- stdout (tail) ---\n{_tail(proc.stdout)}\n"
+        f"--- stderr (tail) ---\n{_tail(proc.stderr)}"
+    )
+
+
 def _tail(text: str, n: int = TAIL_LINES) -> str:
     return "\n".join(text.rstrip().splitlines()[-n:])
 
@@ -205,22 +220,7 @@ def test_doc_block_runs(block: Block, blocks: list[Block], tmp_path):
     script.write_text(script_for(block, blocks), encoding="utf-8")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(script)],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{block.id} (line {block.line}) ran past {TIMEOUT_S} s")
-    assert proc.returncode == 0, (
-        f"{block.id} (line {block.line}) exited with {proc.returncode}\n"
-        f"--- stdout (tail) ---\n{_tail(proc.stdout)}\n"
-        f"--- stderr (tail) ---\n{_tail(proc.stderr)}"
-    )
+    _run_block(block, [sys.executable, str(script)], tmp_path, env)
 
 
 def test_readme_has_shell_blocks():
@@ -253,22 +253,7 @@ def test_doc_shell_block_runs(block: ShellBlock, tmp_path):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     work = tmp_path / "cwd"
     work.mkdir()
-    try:
-        proc = subprocess.run(
-            ["bash", "-e", "-o", "pipefail", str(script)],
-            cwd=work,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{block.id} (line {block.line}) ran past {TIMEOUT_S} s")
-    assert proc.returncode == 0, (
-        f"{block.id} (line {block.line}) exited with {proc.returncode}\n"
-        f"--- stdout (tail) ---\n{_tail(proc.stdout)}\n"
-        f"--- stderr (tail) ---\n{_tail(proc.stderr)}"
-    )
+    _run_block(block, ["bash", "-e", "-o", "pipefail", str(script)], work, env)
 
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.py") if p.stem[0] != "_")
