@@ -337,5 +337,6 @@ def check_batch_fits(graphdef, loss_fn, policy, state, batch_spec) -> None:
         first = str(err).strip().splitlines()[0]
         raise ValueError(
             f"the model cannot take this batch ({shapes}): {first} -- make the data's feature "
-            "shape match the model's input (or the model's input match the data)"
+            "shape match the model's input (or the model's input match the data); if they "
+            "match, the mistake is in the model or loss code"
         ) from None
