@@ -179,3 +179,80 @@ def test_mfu_counts_one_devices_share(name):
         with jax.set_mesh(run.plan.mesh):
             flops[n] = _flops_and_peak(log, run, state, run.batches[0])[0]
     assert flops[8] == pytest.approx(flops[1], rel=0.1)
+
+
+def _grain_stream(reads=None):
+    """A shuffled, repeated, batched grain stream; `reads` (a list) records every row read."""
+    import grain
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 3)).astype(np.float32)
+    rows = [{"x": x[i], "y": x[i].sum(keepdims=True), "i": np.int32(i)} for i in range(96)]
+
+    def seen(row):
+        if reads is not None:
+            reads.append(int(row["i"]))
+        return {"x": row["x"], "y": row["y"]}
+
+    ds = grain.MapDataset.source(rows).shuffle(seed=1).repeat().map(seen).batch(8)
+    # no read-ahead, so that `reads` counts exactly what the run consumed
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+
+
+def _fit_stream(data, workdir, **kw):
+    import optax
+    from flax import nnx
+
+    import jaxnv
+
+    return jaxnv.fit(
+        lambda rngs: nnx.Linear(3, 1, rngs=rngs),
+        lambda m, b, rng: ((m(b["x"]) - b["y"]) ** 2).mean(),
+        data,
+        steps=30,
+        optimizer=optax.sgd(0.05),
+        workdir=workdir,
+        checkpoint_every=7,
+        log_every=10,
+        devices=jax.devices()[:1],
+        progress=False,
+        tensorboard=False,
+        mfu=False,
+        **kw,
+    )
+
+
+def test_a_grain_stream_resumes_exactly_from_its_stored_position(tmp_path):
+    """A grain IterDataset's iterator state is checkpointed: no skipping, no refusal, the same
+    batches after the resume as without the interruption."""
+    straight = _fit_stream(_grain_stream(), str(tmp_path / "straight"))
+    workdir = str(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        _fit_stream(_grain_stream(), workdir, callbacks=[Die(16)])
+    reads = []
+    resumed = _fit_stream(_grain_stream(reads), workdir)  # on_resume is left at "refuse"
+    assert resumed.summary["resumed_from"] == 14
+    # it went on from step 14's position: one batch read for the shapes, then the 16 remaining
+    # batches (a skip would read the 14 before them again: 8 + 30 * 8 rows)
+    assert len(reads) == 8 + (30 - 14) * 8
+    assert _rows(workdir) == _rows(str(tmp_path / "straight"))
+    for a, b in zip(
+        jax.tree.leaves(resumed.state.params), jax.tree.leaves(straight.state.params), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_generator_resume_is_refused_in_one_line_unless_skipped(tmp_path):
+    def batches():
+        rng = np.random.default_rng(0)
+        while True:
+            x = rng.normal(size=(8, 3)).astype(np.float32)
+            yield {"x": x, "y": x.sum(1, keepdims=True)}
+
+    workdir = str(tmp_path / "gen")
+    with pytest.raises(KeyboardInterrupt):
+        _fit_stream(batches(), workdir, callbacks=[Die(9)])
+    with pytest.raises(ValueError, match="on_resume='skip'") as err:
+        _fit_stream(batches(), workdir)
+    assert "\n" not in str(err.value)
+    assert _fit_stream(batches(), workdir, on_resume="skip").summary["resumed_from"] == 7

@@ -34,7 +34,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -256,12 +256,13 @@ class Checkpointer:
         self,
         step: int,
         state,
-        meta: dict,
+        meta: dict | Callable[[], dict],
         *,
         force: bool = False,
         metrics: dict[str, float] | None = None,
     ) -> bool:
         """Save `state` at `step` if it is a save step (or `force`); refuses non-finite params.
+        `meta` (JSON values) may be a function, called only when the step is saved.
 
         `metrics` are that step's eval metrics (None: not evaluated); they rank it for `keep_best`
         and `restore(..., "best")`."""
@@ -287,6 +288,7 @@ class Checkpointer:
                 f"good checkpoint is step {self.latest_step()} (lower the learning rate or use "
                 "loss scaling)"
             )
+        meta = meta() if callable(meta) else meta
         self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)),

@@ -212,19 +212,32 @@ class IndexedBatches:
 
 class IterableBatches:
     """Batches from any iterable or iterator (a generator, a grain `IterDataset`, a
-    `DataLoader`-like object); step `s` takes the next batch. Its position is not stored, so a
-    resume at step `s` either skips `s` batches of a fresh pass (`on_resume="skip"`) or is
-    refused (`"refuse"`), never silently fed other data."""
-
-    resumable = False
+    `DataLoader`-like object); step `s` takes the next batch. A grain dataset's iterator state goes
+    into the checkpoint (`state_dict` / `load_state_dict`), so its resume is exact. Any other
+    iterable's position is not stored: a resume at step `s` either skips `s` batches of a fresh
+    pass (`on_resume="skip"`) or is refused (`"refuse"`), never silently fed other data."""
 
     def __init__(self, source, on_resume: str = "refuse"):
         if on_resume not in ("skip", "refuse"):
             raise ValueError(f"on_resume={on_resume!r}: use 'skip' or 'refuse'")
         self.source, self.on_resume = source, on_resume
+        # grain's IterDataset (or one of its iterators) can report and restore its position
+        self.resumable = isinstance(source, grain.IterDataset) or hasattr(source, "set_state")
         self._it = None  # the live iterator and how many batches it has given
         self._pos = 0
         self._peeked: list = []
+
+    def state_dict(self) -> dict | None:
+        """The stream's position (grain's iterator state and the step), or None if unstored."""
+        if not self.resumable or self._it is None or self._peeked:
+            return None
+        return {"iterator": self._it.get_state(), "position": self._pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a position `state_dict` gave (a fresh iterator set to that state)."""
+        self._it = iter(self.source)
+        self._it.set_state(state["iterator"])
+        self._pos, self._peeked = int(state["position"]), []
 
     def _fresh(self):
         it = iter(self.source)

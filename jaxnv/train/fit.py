@@ -105,8 +105,9 @@ def fit(
     transformation or an `OptimizerConfig` (default: adamw with jaxnv's defaults).
 
     With a `workdir`, the run writes `config.json`, `metrics.jsonl`, TensorBoard and orbax
-    checkpoints, and running `fit` again on it resumes. An iterable's position cannot be stored:
-    `on_resume="skip"` fast-forwards a fresh pass over it, `"refuse"` (default) stops with an error.
+    checkpoints, and running `fit` again on it resumes. A grain `IterDataset`'s position is saved
+    with each checkpoint; any other iterable's cannot be: `on_resume="skip"` fast-forwards a fresh
+    pass over it, `"refuse"` (default) stops with an error.
     `evaluators` map a name to `fn(model, eval_data) -> dict` of extra eval metrics (the model in
     eval mode). The result's `.model` is the trained module in eval mode.
     """

@@ -321,6 +321,8 @@ def _resume_or_init(run: Run, workdir: str | None, ckpt: Checkpointer | None, be
         state, meta = ckpt.restore(run.state)  # onto shapes and shardings: one copy in memory
         start = int(jax.device_get(state.step))
         best.load(meta.get("best", {}))
+        if meta.get("data") is not None and hasattr(run.batches, "load_state_dict"):
+            run.batches.load_state_dict(meta["data"])  # a grain iterator's own position
         if start and not run.batches.resumable:
             if run.batches.on_resume == "refuse":
                 raise ValueError(
@@ -446,6 +448,8 @@ def _steps(run, workdir, callbacks, ckpt, best, state, start, restored) -> Train
             "best": best.state_dict(),
             # the open logging window's rows: a resumed run logs what an uninterrupted one does
             "window": [to_scalars(m) for m in jax.device_get(window)],
+            # where a stream that can say so stands (a grain iterator); None for the others
+            "data": run.batches.state_dict() if hasattr(run.batches, "state_dict") else None,
         }
 
     started = time.perf_counter()
@@ -505,9 +509,9 @@ def _steps(run, workdir, callbacks, ckpt, best, state, start, restored) -> Train
                 stop = stop or preempted
                 if ckpt is not None:
                     force = done == t.steps or stop or bool(evaluated and cfg.checkpoint.keep_best)
-                    if ckpt.maybe_save(
-                        done, state, meta(done, window), force=force, metrics=evaluated
-                    ):
+                    # meta is built only for a save: it fetches the window's metrics
+                    snapshot = functools.partial(meta, done, window)
+                    if ckpt.maybe_save(done, state, snapshot, force=force, metrics=evaluated):
                         for cb in callbacks:
                             cb.on_save(done, ckpt.directory)
                 if preempted:
