@@ -1,6 +1,6 @@
 """Checkpoints: how long a save blocks the loop (async against sync), and save/restore MB/s.
 
-Run:  jaxnv bench checkpoint_async [--quick] [--repeats 7] [--dir DIR] [--no-append]
+Run:  jaxnv bench checkpoint_async [--quick] [--repeats 7] [--dir DIR] [--record]
 
 The state is a real jaxnv `TrainState` (MLP params and adamw moments, fp32, after a few steps so
 the moments are not zeros) built by `jaxnv.train.build`. Everything is written under `--dir`

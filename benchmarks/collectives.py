@@ -1,7 +1,7 @@
 """Memory and communication of the sharding presets on 8 simulated devices, against theory.
 
-Run:  .venv/bin/python benchmarks/collectives.py [--quick] [--no-append]
-      jaxnv bench collectives --quick --no-append
+Run:  .venv/bin/python benchmarks/collectives.py [--quick] [--record]
+      jaxnv bench collectives --quick
 
 For a small char_gpt transformer and each preset (dp: data=8; fsdp: fsdp=8; tp: tensor=8;
 fsdp+tp: fsdp=4 x tensor=2) the real jaxnv train step is built abstractly (nothing allocated)
@@ -25,7 +25,7 @@ tensor parallelism's own traffic alone; dp gradient traffic has its own row. The
 "GPU" rows count an all-reduce whose result is only sliced per device as the reduce-scatter
 that XLA's GPU pipeline (`ReduceScatterCreator`) makes of it; the CPU pipeline does not.
 Bytes are deterministic: `--repeats` does not change them. Appends the table to
-benchmarks/RESULTS.md unless --no-append. Where every excess comes from: docs/distributed.md.
+benchmarks/RESULTS.md with --record. Where every excess comes from: docs/distributed.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Compilation: time to the first step with an empty persistent compilation cache and a full one.
 
-Run:  .venv/bin/python benchmarks/compile_cache.py [--repeats 5] [--quick] [--no-append]
+Run:  .venv/bin/python benchmarks/compile_cache.py [--repeats 5] [--quick] [--record]
       (or `jaxnv bench compile_cache ...`)
 
 Each measurement is a fresh Python process that runs `jaxnv.train.train` on the experiment's own

@@ -1,13 +1,13 @@
 """Framework overhead: a jaxnv train step against a hand-written plain JAX + optax step.
 
-Run:  jaxnv bench overhead [--repeats 7] [--steps 200] [--quick] [--no-append]
+Run:  jaxnv bench overhead [--repeats 7] [--steps 200] [--quick] [--record]
 
 Step level: both steps train the same MLP with adamw, fp32, the same device-resident batch, both
 jitted with the state donated. jaxnv's contender is what its loop calls: the jitted step behind
 the per-call batch check. Loop level: `jaxnv.train` (batches gathered and copied to the device by
 grain threads, metrics fetched every `log_every` steps) against the same jitted step called in a
 bare Python loop on one resident batch. Contenders run interleaved in one process; medians of
-`repeats`; ratios last. Appends a row per case to benchmarks/RESULTS.md unless --no-append. The
+`repeats`; ratios last. Appends a row per case to benchmarks/RESULTS.md with --record. The
 transformer case of the same comparison is in benchmarks/transformer.py (column "/ plain JAX").
 """
 

@@ -1,6 +1,6 @@
 """Input pipeline: the training loop fed by its data pipeline against batches already on the device.
 
-Run:  .venv/bin/python benchmarks/pipeline.py [--repeats 9] [--quick] [--no-append]
+Run:  .venv/bin/python benchmarks/pipeline.py [--repeats 9] [--quick] [--record]
       (or `jaxnv bench pipeline ...`)
 
 Two MLPs on `binary_classification` (batch 256, adamw, fp32): a ~1 ms step (2-256-256-1) and a

@@ -1,6 +1,6 @@
 """Mixed precision: each preset's result against fp32, and its step time, on the same runs.
 
-Run:  .venv/bin/python benchmarks/precision.py [--repeats 5] [--quick] [--no-append]
+Run:  .venv/bin/python benchmarks/precision.py [--repeats 5] [--quick] [--record]
       (or `jaxnv bench precision ...`)
 
 For every case and preset (`fp32`, `bf16`, `fp16` with dynamic loss scaling) the experiment trains

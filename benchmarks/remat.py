@@ -1,6 +1,6 @@
 """Rematerialisation: step time and peak memory of the transformer with remat none / full / dots.
 
-Run:  jaxnv bench remat [--quick] [--repeats 7] [--no-append]
+Run:  jaxnv bench remat [--quick] [--repeats 7] [--record]
 
 The step is jaxnv's real train step: `jaxnv.train.build` on `experiments/char_gpt` (fp32,
 adamw, 128 wide, 4 heads) with `model.remat=none|full|dots`, `data.seq_len=512`,

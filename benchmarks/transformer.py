@@ -1,6 +1,6 @@
 """A small GPT's train step: jaxnv vs hand-written JAX + optax vs PyTorch (eager, compiled); MFU.
 
-Run:  jaxnv bench transformer [--sizes 4x256,4x512] [--repeats 5] [--compile] [--no-append]
+Run:  jaxnv bench transformer [--sizes 4x256,4x512] [--repeats 5] [--compile] [--record]
       jaxnv bench transformer --profile 30 --sizes 4x256    # where jaxnv's step spends its time
 
 The same decoder-only model in all three (RMSNorm pre-norm blocks, RoPE, causal softmax

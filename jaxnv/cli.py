@@ -5,7 +5,7 @@
     jaxnv export EXPERIMENT --workdir DIR --out PATH [KEY=VALUE ...]
     jaxnv predict PATH --input INPUT.npy [--output OUT.npy]
     jaxnv launch -n N [--cpu-devices K] -- train EXPERIMENT ...
-    jaxnv bench [NAME [--quick] [--repeats R] [--no-append] ...]
+    jaxnv bench [NAME [--quick] [--repeats R] [--record] ...]
     jaxnv info
 
 `eval`, `export` and a resume (`train` on a workdir with checkpoints) start from the workdir's
