@@ -18,6 +18,7 @@ LAYERS = [
     "train",
     "serve",
     "info",
+    "errors",
     "cli",
 ]
 RANK = {name: i for i, name in enumerate(LAYERS)}

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from jaxnv import cli
+from jaxnv.errors import frame_kind
 
 JAXNV_DIR = Path(cli.__file__).resolve().parent
 
@@ -158,13 +159,13 @@ def test_jaxnv_input_errors_stay_one_line_even_under_user_code(tmp_path, monkeyp
 
 
 def test_frames_are_told_apart_by_their_files(tmp_path):
-    assert cli.frame_kind(cli.__file__) == "jaxnv"
-    assert cli.frame_kind(jax.__file__) == "hidden"
-    assert cli.frame_kind("<frozen importlib._bootstrap>") == "hidden"
-    assert cli.frame_kind(np.__file__) == "library"  # shown, but never the owner
-    assert cli.frame_kind(os.__file__) == "library"
-    assert cli.frame_kind(str(tmp_path / "exp.py")) == "user"
-    assert cli.frame_kind(str(JAXNV_DIR / "experiments" / "house_prices.py")) == "user"  # shipped
+    assert frame_kind(cli.__file__) == "jaxnv"
+    assert frame_kind(jax.__file__) == "hidden"
+    assert frame_kind("<frozen importlib._bootstrap>") == "hidden"
+    assert frame_kind(np.__file__) == "library"  # shown, but never the owner
+    assert frame_kind(os.__file__) == "library"
+    assert frame_kind(str(tmp_path / "exp.py")) == "user"
+    assert frame_kind(str(JAXNV_DIR / "experiments" / "house_prices.py")) == "user"  # shipped
 
 
 def test_second_ctrl_c_is_one_line(monkeypatch, capsys):

@@ -138,11 +138,10 @@ def test_mfu_counts_model_flops_whatever_the_remat(runs):
     """Under remat the blocks run in a scan, whose body XLA's cost analysis counts once: the MFU
     uses the model's 6N + attention formula instead, which matches the unrolled step's count."""
     from jaxnv.config import LoggingConfig
-    from jaxnv.train.loop import _flops_and_peak
-    from jaxnv.train.profiling import step_flops
+    from jaxnv.train.profiling import flops_and_peak, step_flops
 
     log = LoggingConfig(mfu=True, peak_flops=1.0)
-    flops = {r: _flops_and_peak(log, run, run.state, run.batches[0])[0] for r, run in runs.items()}
+    flops = {r: flops_and_peak(log, run, run.state, run.batches[0])[0] for r, run in runs.items()}
     assert flops["none"] == flops["full"] == flops["dots"] > 0
     none = runs["none"]
     hlo = step_flops(none.train_step.fn, none.state, none.batches[0])

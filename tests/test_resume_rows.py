@@ -17,7 +17,7 @@ from jaxnv import apply_overrides
 from jaxnv.checkpoint import Checkpointer
 from jaxnv.experiment import load_experiment
 from jaxnv.train import Callback, build, train
-from jaxnv.train.loop import _flops_and_peak
+from jaxnv.train.profiling import flops_and_peak
 
 TIMING = {"steps_per_sec", "examples_per_sec", "tokens_per_sec", "mfu"}
 QUIET = ["logging.progress=false", "logging.mfu=false", "logging.tensorboard=false"]
@@ -177,7 +177,7 @@ def test_mfu_counts_one_devices_share(name):
         run = build(exp, jax.devices()[:n], abstract=True)
         state = run.init()
         with jax.set_mesh(run.plan.mesh):
-            flops[n] = _flops_and_peak(log, run, state, run.batches[0])[0]
+            flops[n] = flops_and_peak(log, run, state, run.batches[0])[0]
     assert flops[8] == pytest.approx(flops[1], rel=0.1)
 
 

@@ -2,12 +2,12 @@
 beside it: writers, profiling and MFU, non-finite handling and the compilation cache."""
 
 from jaxnv.train.callbacks import Callback, EarlyStopping, StepInfo
+from jaxnv.train.evaluate import evaluate
 from jaxnv.train.fit import fit
 from jaxnv.train.loop import (
     Run,
     TrainResult,
     build,
-    evaluate,
     evaluate_workdir,
     micro_batches_for,
     train,

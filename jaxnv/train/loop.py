@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -50,15 +48,17 @@ from jaxnv.core.step import (
     make_eval_step,
     make_train_step,
 )
-from jaxnv.data.pipeline import IndexedBatches, IterableBatches, StepBatches, eval_batches
+from jaxnv.data.pipeline import IndexedBatches, IterableBatches, StepBatches
 from jaxnv.data.sources import Dataset
 from jaxnv.experiment import Experiment
 from jaxnv.parallel.distributed import is_primary
 from jaxnv.parallel.mesh import Plan, batch_divisor, make_mesh, make_plan, put_batch
 from jaxnv.parallel.report import compile_step, format_report
 from jaxnv.train.callbacks import Callback, EarlyStopping, StepInfo  # noqa: F401 (re-exported)
+from jaxnv.train.evaluate import evaluate_run
 from jaxnv.train.nonfinite import NonFiniteMonitor
-from jaxnv.train.profiling import ProfileWindow, measure_peak_flops, step_flops
+from jaxnv.train.profiling import ProfileWindow, flops_and_peak
+from jaxnv.train.workdir import resume_or_init, write_json
 from jaxnv.train.writers import BestTracker, Throughput, Writers, to_scalars, tokens_per_example
 
 TIMING_KEYS = ("steps_per_sec", "examples_per_sec", "tokens_per_sec", "mfu")  # differ run to run
@@ -86,66 +86,8 @@ class TrainResult:
         return model
 
 
-def _eval_iter(data, batch_size: int | None):
-    """Batches of an evaluation set: arrays sliced in order, or a re-iterable of batches."""
-    if isinstance(data, Dataset):
-        data = data.eval
-    if isinstance(data, Mapping):
-        return (batch for batch, _ in eval_batches(dict(data), batch_size or 256))
-    if callable(data):
-        return iter(data())
-    return iter(data)
-
-
-def evaluate(
-    eval_step: EvalStep, state: TrainState, data, batch_size: int | None = None, sharding=None
-) -> dict[str, float]:
-    """The eval metrics over all of `data`, each batch weighted by its loss's weight (the example
-    count for a plain mean): the exact mean over examples or tokens. `data` is a dict of arrays
-    (sliced into `batch_size` batches, the last partial) or a re-iterable of batches. Eval batches
-    are replicated on `sharding`'s mesh (every process holds the whole split)."""
-    totals: dict[str, float] = {}
-    weight = 0.0
-    for batch in _eval_iter(data, batch_size):
-        batch = jax.device_put(batch, sharding) if sharding is not None else batch
-        metrics, w = jax.device_get(eval_step.fn(state, batch))
-        w = float(w)
-        for k, v in to_scalars(metrics).items():
-            totals[k] = totals.get(k, 0.0) + v * w
-        weight += w
-    if not totals:
-        raise ValueError("the evaluation data yielded no batches: give at least one")
-    return {k: v / weight if weight else 0.0 for k, v in totals.items()}
-
-
 def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-
-
-@functools.cache
-def _peak(dtype_name: str) -> float:
-    return measure_peak_flops(jnp.dtype(dtype_name))
-
-
-def _flops_and_peak(log, run: Run, state, batch) -> tuple[float, float]:
-    """Model FLOPs per step *per device* and one device's peak (declared or measured once).
-
-    A model with `flops_per_token(seq_len)` (the transformer: 6N + attention) is counted by its
-    formula over the batch's tokens, the usual MFU convention, which leaves out the recomputation
-    of remat. Otherwise XLA's cost analysis of the step, which counts a loop body once: it is
-    multiplied by the number of micro-batches (whose loop holds nearly all the work). Both count
-    the global batch, which the mesh's devices share.
-    """
-    if not log.mfu:
-        return 0.0, 0.0
-    model = nnx.merge(run.graphdef, state.params, state.model_state)
-    x = batch.get("x") if isinstance(batch, dict) else None
-    if hasattr(model, "flops_per_token") and x is not None and np.ndim(x) == 2:
-        flops = model.flops_per_token(x.shape[1]) * np.size(x)
-    else:
-        flops = step_flops(run.train_step.fn, state, batch) * run.micro_batches
-    peak = log.peak_flops or _peak(jnp.dtype(run.policy.compute_dtype).name)
-    return flops / run.plan.mesh.size, peak
 
 
 def micro_batches_for(batch: int, ways: int, micro: int, max_device_batch: int) -> int:
@@ -308,67 +250,6 @@ def train(
     return _train(build(exp, devices, abstract=True), workdir, list(callbacks))
 
 
-def _resume_or_init(run: Run, workdir: str | None, ckpt: Checkpointer | None, best):
-    """`(state, start, meta)`: the newest checkpoint restored onto the run's (abstract) state, or
-    a fresh state. Creates the workdir; the log of a run stopped before its first checkpoint is
-    moved aside (never overwritten) and the run starts again. On resume, `metrics.jsonl` rows
-    after the checkpoint's step are dropped so the log continues without duplicates.
-    """
-    if workdir is None:
-        return (run.init() if _is_abstract(run.state) else run.state), 0, {}
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    if ckpt is not None and ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(run.state)  # onto shapes and shardings: one copy in memory
-        start = int(jax.device_get(state.step))
-        best.load(meta.get("best", {}))
-        if meta.get("data") is not None and hasattr(run.batches, "load_state_dict"):
-            run.batches.load_state_dict(meta["data"])  # a grain iterator's own position
-        if start and not run.batches.resumable:
-            if run.batches.on_resume == "refuse":
-                raise ValueError(
-                    f"cannot resume {workdir!r} at step {start}: the training data is an iterable "
-                    "whose position is not stored; pass on_resume='skip' to fast-forward a fresh "
-                    "pass over it, or a list / grain MapDataset of batches for an exact resume"
-                )
-            if is_primary():
-                print(f"resuming at step {start}: skipping {start} batches of the data", flush=True)
-        if is_primary():  # config.json describes the latest run of this workdir
-            _write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(run.cfg))
-        if os.path.exists(metrics_path) and is_primary():
-            with open(metrics_path, encoding="utf-8") as f:
-                keep = [line for line in f if json.loads(line)["step"] <= start]
-            tmp = metrics_path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(keep)
-            os.replace(tmp, metrics_path)  # atomic: the old log is never half-written
-        return state, start, meta
-    if os.path.exists(metrics_path) and os.path.getsize(metrics_path) > 0 and is_primary():
-        # a run stopped before its first checkpoint: start again, its log kept beside
-        aside = f"{metrics_path}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.replace(metrics_path, aside)
-        print(
-            f"jaxnv: {workdir} holds a run stopped before its first checkpoint: starting again "
-            f"(its log moved to {os.path.basename(aside)})",
-            flush=True,
-        )
-    os.makedirs(workdir, exist_ok=True)
-    if is_primary():
-        _write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(run.cfg))
-    return (run.init() if _is_abstract(run.state) else run.state), 0, {}
-
-
-def _write_json(path: str, data) -> None:
-    """Write `data` to `path` atomically (a reader sees the old file or the new one)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _is_abstract(state) -> bool:
-    return isinstance(jax.tree.leaves(state)[0], jax.ShapeDtypeStruct)
-
-
 def _overrides(cb: Callback, name: str) -> bool:
     return getattr(type(cb), name) is not getattr(Callback, name)
 
@@ -390,7 +271,7 @@ def _train(run: Run, workdir: str | None, callbacks: list[Callback]) -> TrainRes
             best_mode=t.best_mode,
         )
     try:
-        state, start, restored = _resume_or_init(run, workdir, ckpt, best)
+        state, start, restored = resume_or_init(run, workdir, ckpt, best)
     except BaseException:
         if ckpt is not None:
             ckpt.close()
@@ -431,7 +312,7 @@ def _steps(run, workdir, callbacks, ckpt, best, state, start, restored) -> Train
     tb_dir = os.path.join(workdir, "tensorboard") if workdir and primary else None
     profile = ProfileWindow(log.profile_steps, tb_dir)
     speed = Throughput(start, t.batch_size, tokens_per_example(first))
-    flops, peak = _flops_and_peak(log, run, state, _global_sample(run, first))
+    flops, peak = flops_and_peak(log, run, state, _global_sample(run, first))
     history: list[dict[str, Any]] = []
 
     def emit(step, split, scalars):
@@ -500,7 +381,7 @@ def _steps(run, workdir, callbacks, ckpt, best, state, start, restored) -> Train
                 if run.eval_data is not None and (
                     (t.eval_every and done % t.eval_every == 0) or done == t.steps
                 ):
-                    eval_scalars = evaluated = _evaluate_all(run, state)
+                    eval_scalars = evaluated = evaluate_run(run, state)
                     best.update(done, eval_scalars)
                     emit(done, "eval", eval_scalars)
                     asked = [bool(cb.on_eval(done, eval_scalars, state)) for cb in callbacks]
@@ -552,8 +433,7 @@ def _steps(run, workdir, callbacks, ckpt, best, state, start, restored) -> Train
         **_summarize(run, result),
     }
     if workdir is not None and primary:
-        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(result.summary, f, indent=2, default=float)
+        write_json(os.path.join(workdir, "summary.json"), result.summary)
     for cb in callbacks:
         cb.on_end(result)
     return result
@@ -577,25 +457,9 @@ def _global_sample(run: Run, sample):
     return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), run.train_step.batch_spec)
 
 
-def _evaluate_all(run: Run, state) -> dict[str, float]:
-    """The eval step's metrics over the eval data, then each custom evaluator's."""
-    metrics = evaluate(
-        run.eval_step, state, run.eval_data, run.cfg.train.eval_batch_size, run.plan.replicated
-    )
-    if run.evaluators:
-        model = nnx.merge(run.graphdef, state.params, state.model_state)
-        model.eval()
-        for name, fn in run.evaluators.items():
-            extra = fn(model, run.eval_data)
-            if not isinstance(extra, Mapping):
-                raise TypeError(f"evaluator {name!r} returned {type(extra).__name__}, not a dict")
-            metrics.update({k: float(v) for k, v in extra.items()})
-    return metrics
-
-
 def _finished(run: Run, state, step: int) -> TrainResult:
     """The result of a run restored at or past `train.steps`; nothing on disk changes."""
-    metrics = _evaluate_all(run, state) if run.eval_data is not None else {}
+    metrics = evaluate_run(run, state) if run.eval_data is not None else {}
     result = TrainResult(state, run.graphdef, run.policy, run.data, {}, metrics, [], 0.0)
     result.summary = {
         "experiment": run.name,
@@ -623,5 +487,5 @@ def evaluate_workdir(
     finally:
         ckpt.close()
     with jax.set_mesh(run.plan.mesh):
-        metrics = _evaluate_all(run, state)
+        metrics = evaluate_run(run, state)
     return int(jax.device_get(state.step)), metrics

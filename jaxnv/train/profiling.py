@@ -7,10 +7,13 @@ mfu = flops * steps_per_sec / peak
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
 
 def step_flops(jitted, *args) -> float:
@@ -152,3 +155,30 @@ def op_profile(
             per_kind[re.sub(r"\.\d+$", "", name)] += e.get("dur", 0) / 1e3 / steps
     rows = [(f"[category] {k}", ms, "") for k, ms in per_kind.most_common(top)]
     return rows + [(k, ms, names[k]) for k, ms in per_op.most_common(top)]
+
+
+@functools.cache
+def _peak(dtype_name: str) -> float:
+    return measure_peak_flops(jnp.dtype(dtype_name))
+
+
+def flops_and_peak(log, run, state, batch) -> tuple[float, float]:
+    """Model FLOPs per step *per device* and one device's peak (declared or measured once), for
+    a train `run` (`train.loop.Run`) and its logging section `log`.
+
+    A model with `flops_per_token(seq_len)` (the transformer: 6N + attention) is counted by its
+    formula over the batch's tokens, the usual MFU convention, which leaves out the recomputation
+    of remat. Otherwise XLA's cost analysis of the step, which counts a loop body once: it is
+    multiplied by the number of micro-batches (whose loop holds nearly all the work). Both count
+    the global batch, which the mesh's devices share.
+    """
+    if not log.mfu:
+        return 0.0, 0.0
+    model = nnx.merge(run.graphdef, state.params, state.model_state)
+    x = batch.get("x") if isinstance(batch, dict) else None
+    if hasattr(model, "flops_per_token") and x is not None and np.ndim(x) == 2:
+        flops = model.flops_per_token(x.shape[1]) * np.size(x)
+    else:
+        flops = step_flops(run.train_step.fn, state, batch) * run.micro_batches
+    peak = log.peak_flops or _peak(jnp.dtype(run.policy.compute_dtype).name)
+    return flops / run.plan.mesh.size, peak
