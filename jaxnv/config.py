@@ -37,6 +37,7 @@ class ModelConfig:
     """
 
     name: str = "linear"
+    init_from: str = ""  # hf:DIR starts from a local Hugging Face checkpoint (docs/finetuning.md)
 
     # foreign key -> this family's key that does that job; completes the "did you mean"
     related: typing.ClassVar[dict[str, str]] = {}
@@ -126,7 +127,8 @@ class LSTMConfig(ModelConfig):
 
 @dataclasses.dataclass
 class TransformerConfig(ModelConfig):
-    """`model.name=transformer`: a decoder-only pre-norm transformer with RoPE and a gated MLP."""
+    """`model.name=transformer`: a decoder-only pre-norm LM (default: RoPE, RMSNorm, gated MLP;
+    the switches below give Llama / Mistral / Qwen2 / GPT-2 layouts)."""
 
     name: str = "transformer"
     vocab_size: int = 0  # 0: from the data
@@ -135,10 +137,26 @@ class TransformerConfig(ModelConfig):
     embed_dim: int = 256
     mlp_dim: int = 0  # 0: the model's default
     max_seq_len: int = 0  # 0: data.seq_len
-    activation: str = "silu"  # of the gated MLP: silu | gelu | relu | relu2
+    activation: str = "silu"  # silu | gelu | relu | relu2 | gelu_tanh (GPT-2's gelu_new)
     tie_embeddings: bool = True
     remat: str = "none"  # none | full | dots
     dropout: float = 0.0
+    # architecture switches (defaults: jaxnv's own model; see jaxnv/models/transformer.py)
+    num_kv_heads: int = 0  # 0: num_heads (MHA); fewer: grouped-query attention, 1: MQA
+    head_dim: int = 0  # 0: embed_dim // num_heads
+    position: str = "rope"  # rope | learned (GPT-2)
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none | llama3 (Llama-3.1's long-context frequencies):
+    rope_scaling_factor: float = 8.0  # the llama3 scaling's `factor`,
+    rope_low_freq_factor: float = 1.0  # `low_freq_factor`,
+    rope_high_freq_factor: float = 4.0  # `high_freq_factor`,
+    rope_original_max_len: int = 8192  # and `original_max_position_embeddings`
+    norm: str = "rms"  # rms | layer (GPT-2)
+    norm_eps: float = 1e-6
+    mlp: str = "gated"  # gated (Llama) | plain (GPT-2)
+    qkv_bias: bool = False  # Qwen2, GPT-2
+    out_bias: bool = False  # GPT-2
+    mlp_bias: bool = False  # GPT-2
 
     related = {
         "features": "embed_dim",
@@ -183,12 +201,24 @@ class DataConfig:
     """Which built-in data set to use and how to generate or split it."""
 
     name: str = "house_prices"  # house_prices|classification|regression|digits|text|adding|npz
+    # |files (your own text: docs/data.md)
     num_train: int = 1000
-    num_eval: int = 200
+    num_eval: int = 200  # for name=files: at most this many eval rows (0: all held out)
     noise: float = 0.1
     seed: int = 0  # generation seed; the shuffle seed is train.seed
-    path: str = ""  # for name=npz: a .npz file with x_train, y_train, x_eval, y_eval
-    seq_len: int = 128  # for sequence data (text, adding)
+    # name=npz: a .npz file with x_train, ...; name=files: files, a glob, a `jaxnv data prepare`
+    # output directory or a token file
+    path: str = ""
+    seq_len: int = 128  # for sequence data (text, adding, files)
+    # name=files (docs/data.md): auto|text|jsonl|parquet|array_record|tokens
+    format: str = "auto"
+    field: str = "text"  # the text field of JSONL records / column of Parquet files
+    # "" (a prepared corpus's own, else bytes) | bytes | PATH/tokenizer.json | PATH.model | bpe:VOCAB
+    tokenizer: str = ""
+    packing: bool = False  # documents packed into rows (segment ids) instead of windows
+    eval_path: str = ""  # held-out files; empty: hold out eval_fraction of the documents
+    eval_fraction: float = 0.01
+    token_dtype: str = "uint16"  # of a flat token file (format=tokens): uint16 | uint32
 
 
 @dataclasses.dataclass
@@ -212,7 +242,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     micro_batches: int = 1  # gradient accumulation inside one step
     max_device_batch: int = 0  # >0: more micro-batches when a device's share would exceed this
-    loss: str = "mse"  # mse | bce | softmax_ce
+    loss: str = "mse"  # mse | bce | softmax_ce | lm (language models: weighted next-token CE)
     on_nonfinite: str = "skip"  # skip | stop | rollback (see jaxnv/train/nonfinite.py)
     best_metric: str = "loss"  # eval metric tracked for the best step ("" to disable)
     best_mode: str = "min"  # min | max

@@ -31,7 +31,32 @@ from jaxnv.models import build_model
 
 def default_make_model(cfg: Config, data: Dataset, policy: Policy, rngs: nnx.Rngs) -> nnx.Module:
     """The registry model `cfg.model.name` sized for `data`."""
+    tokenizer = data.info.get("tokenizer")
+    vocab = getattr(cfg.model, "vocab_size", 0)
+    if tokenizer is not None and vocab and vocab < tokenizer.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary "
+            f"({tokenizer.vocab_size} ids): leave model.vocab_size=0 (from the data) or raise it"
+        )
     return build_model(cfg.model, data.in_features, data.out_features, policy, rngs)
+
+
+def default_make_data(cfg: Config) -> Dataset:
+    """The data set `cfg.data.name`: a built-in one, arrays from a file, or the user's own text
+    files (`files`: batched by the data itself, as the global batch of `train.batch_size`)."""
+    if cfg.data.name == "files":
+        import jax  # here: files need the process layout (and load pyarrow, tokenizers)
+
+        from jaxnv.data.text import files_dataset
+
+        return files_dataset(
+            cfg.data,
+            cfg.train.batch_size,
+            cfg.train.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+    return make_dataset(cfg.data)
 
 
 @dataclasses.dataclass
@@ -42,7 +67,7 @@ class Experiment:
     name: str = "custom"
     make_model: Callable[..., nnx.Module] = default_make_model
     loss_fn: Callable | None = None  # None: `get_loss_fn(config.train.loss)`
-    make_data: Callable[[Config], Dataset] = lambda cfg: make_dataset(cfg.data)
+    make_data: Callable[[Config], Dataset] = lambda cfg: default_make_data(cfg)
     summarize: Callable[[Any], dict] | None = None
 
     def resolved_loss_fn(self) -> Callable:

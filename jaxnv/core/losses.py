@@ -200,11 +200,25 @@ def softmax_ce_loss(model, batch, rng):
     return loss, {"accuracy": accuracy(logits, batch["y"])}
 
 
-LOSS_FNS = {"mse": mse_loss, "bce": bce_loss, "softmax_ce": softmax_ce_loss}
+def lm_loss(model, batch, rng):
+    """Next-token cross-entropy of a language model, averaged exactly over the counted tokens.
+
+    `batch` holds `x` and `y` (B, T) token ids and, for packed rows, `positions` and `segment_ids`
+    (passed to the model) and `weights` (B, T): 0 on padding and on each document's last token,
+    whose target would belong to the next document. Reports token accuracy.
+    """
+    extra = {k: batch[k] for k in ("positions", "segment_ids") if k in batch}
+    logits = model(batch["x"], rng, **extra)  # (B, T, V)
+    mask = batch.get("weights")
+    ce = softmax_cross_entropy(logits, batch["y"], reduction="none")  # (B, T)
+    return weighted_mean(ce, mask), {"accuracy": accuracy(logits, batch["y"], mask=mask)}
+
+
+LOSS_FNS = {"mse": mse_loss, "bce": bce_loss, "softmax_ce": softmax_ce_loss, "lm": lm_loss}
 
 
 def get_loss_fn(name: str):
-    """The ready-made loss function called `name` (`mse`, `bce`, `softmax_ce`)."""
+    """The ready-made loss function called `name` (`mse`, `bce`, `softmax_ce`, `lm`)."""
     if name not in LOSS_FNS:
         close = difflib.get_close_matches(name, list(LOSS_FNS), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""

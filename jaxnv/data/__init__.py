@@ -1,4 +1,8 @@
-"""Data: in-memory and file sources, the demo data sets, and step-indexed batching on grain."""
+"""Data: in-memory and file sources, the demo data sets, and step-indexed batching on grain.
+
+Text corpora (docs/data.md) load on first use: `files_dataset` (`data.name=files`), `prepare`
+(`jaxnv data prepare`), `load_tokenizer`.
+"""
 
 from jaxnv.data.builtin import (
     DATASETS,
@@ -36,3 +40,20 @@ __all__ = [
     "text_corpus",
     "two_moons",
 ]
+
+_LAZY = {  # modules that import pyarrow, tokenizers and array_record: loaded when first asked for
+    "files_dataset": "jaxnv.data.text",
+    "eval_rows": "jaxnv.data.text",
+    "prepare": "jaxnv.data.prepare",
+    "load_tokenizer": "jaxnv.data.tokenizers",
+    "load_saved": "jaxnv.data.tokenizers",
+    "Tokenizer": "jaxnv.data.tokenizers",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jaxnv.data' has no attribute {name!r}")

@@ -179,13 +179,15 @@ DATASETS = {
     "classification": two_moons,
     "regression": teacher_regression,
 }
-OTHER_DATASETS = ("digits", "text", "adding", "npz")
+OTHER_DATASETS = ("digits", "text", "adding", "npz", "files")
 
 
 def make_dataset(cfg: DataConfig) -> Dataset:
     """The data set named by `cfg.name`."""
     if cfg.name == "npz":
         return from_npz(cfg.path)
+    if cfg.name == "files":
+        raise ValueError("data.name=files batches itself: use jaxnv.data.text.files_dataset")
     if cfg.name == "digits":
         return digits()
     if cfg.name == "text":

@@ -31,6 +31,8 @@ class StepBatches:
     (`local(step)`), and the slices of all processes concatenate to `batches[step]`.
     """
 
+    holds_global = True  # batches[step] is the global batch; local(step) this process's rows
+
     # `iterate` prepares runs of consecutive steps together when batches are small: grain's
     # per-element cost and jax.device_put's per-call cost are paid once a chunk instead of once
     # a step (docs/performance.md). A chunk holds at most this many steps and bytes.

@@ -29,6 +29,8 @@ def _as_batches(data, batch_size, seed, on_resume):
     random-access sources of batches are indexed by step; anything else is iterated."""
     if isinstance(data, Dataset):
         data = data.train
+    if getattr(data, "holds_global", False):  # step-indexed batches (jaxnv.data.text)
+        return data
     if isinstance(data, Mapping):
         if batch_size is None:
             raise ValueError("fit: arrays need batch_size=N (the global batch) to be batched")

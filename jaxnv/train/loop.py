@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import grain
 import jax
 import numpy as np
 from flax import nnx
@@ -58,7 +59,7 @@ from jaxnv.train.callbacks import Callback, EarlyStopping, StepInfo  # noqa: F40
 from jaxnv.train.evaluate import evaluate_run
 from jaxnv.train.nonfinite import NonFiniteMonitor
 from jaxnv.train.profiling import ProfileWindow, flops_and_peak
-from jaxnv.train.workdir import resume_or_init, write_json
+from jaxnv.train.workdir import data_state, resume_or_init, write_json
 from jaxnv.train.writers import BestTracker, Throughput, Writers, to_scalars, tokens_per_example
 
 TIMING_KEYS = ("steps_per_sec", "examples_per_sec", "tokens_per_sec", "mfu")  # differ run to run
@@ -139,7 +140,7 @@ def _global_spec(batches, process_count: int):
     """The global batch's shapes: StepBatches hold the global batch, other feeds this process's
     rows (stacked over processes)."""
     spec = batch_spec_of(batches.sample())
-    if isinstance(batches, StepBatches) or process_count == 1:
+    if getattr(batches, "holds_global", False) or process_count == 1:
         return spec
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct((x.shape[0] * process_count, *x.shape[1:]), x.dtype), spec
@@ -194,6 +195,22 @@ def _assemble(cfg, model, loss_fn, batches, tx, learning_rate_fn, policy, loss_s
     )  # fmt: skip
 
 
+def _train_batches(data: Dataset, t: config_lib.TrainConfig):
+    """The training feed of a Dataset: arrays are shuffled and batched per step; a Dataset of
+    files carries its own step-indexed batches or a grain stream (jaxnv.data.text)."""
+    if isinstance(data.train, Mapping):
+        return StepBatches(
+            data.train,
+            t.batch_size,
+            t.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+    if isinstance(data.train, grain.IterDataset):
+        return IterableBatches(data.train)
+    return data.train  # step-indexed batches (holds_global): the StepBatches contract
+
+
 def build(exp: Experiment, devices=None, *, abstract: bool = False) -> Run:
     """Data, policy, optimizer, initial state and compiled steps for an experiment.
 
@@ -210,18 +227,11 @@ def build(exp: Experiment, devices=None, *, abstract: bool = False) -> Run:
         p.loss_scale, policy, init_scale=p.init_scale, period=p.growth_interval
     )
     updates = t.steps // cfg.optimizer.accumulate_steps  # MultiSteps updates once every k steps
-    batches = StepBatches(
-        data.train,
-        t.batch_size,
-        t.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
     return _assemble(
         cfg,
         lambda rngs: exp.make_model(cfg, data, policy, rngs),
         exp.resolved_loss_fn(),
-        batches,
+        _train_batches(data, t),
         make_optimizer(cfg.optimizer, updates),
         make_schedule(cfg.optimizer, updates),
         policy,
@@ -330,7 +340,7 @@ def _steps(run, workdir, callbacks, ckpt, best, state, start, restored) -> Train
             # the open logging window's rows: a resumed run logs what an uninterrupted one does
             "window": [to_scalars(m) for m in jax.device_get(window)],
             # where a stream that can say so stands (a grain iterator); None for the others
-            "data": run.batches.state_dict() if hasattr(run.batches, "state_dict") else None,
+            "data": data_state(run.batches),
         }
 
     started = time.perf_counter()
@@ -452,7 +462,7 @@ def _summarize(run: Run, result: TrainResult) -> dict:
 
 def _global_sample(run: Run, sample):
     """A global batch of the feed's shapes, for counting FLOPs."""
-    if isinstance(run.batches, StepBatches):
+    if getattr(run.batches, "holds_global", False):
         return sample
     return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), run.train_step.batch_spec)
 

@@ -8,9 +8,12 @@ import time
 from typing import TYPE_CHECKING
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxnv import config as config_lib
 from jaxnv.checkpoint.manager import Checkpointer
+from jaxnv.data.tokenizers import META_FILE, load_saved
 from jaxnv.parallel.distributed import is_primary
 
 if TYPE_CHECKING:  # annotations only: the loop imports this module
@@ -26,12 +29,14 @@ def resume_or_init(run: Run, workdir: str | None, ckpt: Checkpointer | None, bes
     if workdir is None:
         return (run.init() if is_abstract(run.state) else run.state), 0, {}
     metrics_path = os.path.join(workdir, "metrics.jsonl")
+    tokenizer = run.data.info.get("tokenizer") if run.data is not None else None
+    if tokenizer is not None:
+        keep_tokenizer(workdir, tokenizer)
     if ckpt is not None and ckpt.latest_step() is not None:
         state, meta = ckpt.restore(run.state)  # onto shapes and shardings: one copy in memory
         start = int(jax.device_get(state.step))
         best.load(meta.get("best", {}))
-        if meta.get("data") is not None and hasattr(run.batches, "load_state_dict"):
-            run.batches.load_state_dict(meta["data"])  # a grain iterator's own position
+        load_data_state(run.batches, meta.get("data"))  # a grain iterator's own position
         if start and not run.batches.resumable:
             if run.batches.on_resume == "refuse":
                 raise ValueError(
@@ -76,3 +81,57 @@ def write_json(path: str, data) -> None:
 
 def is_abstract(state) -> bool:
     return isinstance(jax.tree.leaves(state)[0], jax.ShapeDtypeStruct)
+
+
+def data_state(batches):
+    """Where the training feed stands (a grain iterator's state), for the checkpoint; None for a
+    feed that cannot say. With several processes each reads its own rows: every process's state
+    is gathered (all processes save together) and stored as `{"per_process": [...]}`."""
+    state = batches.state_dict() if hasattr(batches, "state_dict") else None
+    if jax.process_count() == 1:
+        return state
+    return {"per_process": _allgather_json(state)}
+
+
+def load_data_state(batches, saved) -> None:
+    """Set the feed to the position `data_state` saved (this process's share)."""
+    if saved is None or not hasattr(batches, "load_state_dict"):
+        return
+    if isinstance(saved, dict) and "per_process" in saved:
+        states = saved["per_process"]
+        if len(states) != jax.process_count():
+            raise ValueError(
+                f"the checkpoint's data stream was read by {len(states)} processes, this run has "
+                f"{jax.process_count()}: resume a streaming run on the same process count (or "
+                "prepare the data with `jaxnv data prepare` for step-indexed, elastic resume)"
+            )
+        saved = states[jax.process_index()]
+    if saved is not None:
+        batches.load_state_dict(saved)
+
+
+def _allgather_json(obj) -> list:
+    """`obj` of every process, in process order (a collective: every process must call it)."""
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int64)))
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[: raw.size] = raw
+    rows = np.asarray(multihost_utils.process_allgather(buf))  # (processes, longest)
+    return [json.loads(bytes(rows[p, : int(sizes[p, 0])]).decode()) for p in range(len(rows))]
+
+
+def keep_tokenizer(workdir: str, tokenizer) -> None:
+    """Save the run's tokenizer in `workdir/tokenizer` (what `generate` and `serve` read), or
+    check that the one saved there is the same: a model is never continued on other ids."""
+    path = os.path.join(workdir, "tokenizer")
+    if os.path.exists(os.path.join(path, META_FILE)):
+        saved = load_saved(path)
+        if saved.fingerprint != tokenizer.fingerprint:
+            raise ValueError(
+                f"{workdir} was trained with another tokenizer ({saved.kind}, vocabulary "
+                f"{saved.vocab_size}) than this data's ({tokenizer.kind}, {tokenizer.vocab_size}): "
+                "use a new --workdir, or the data and tokenizer of that run"
+            )
+    elif is_primary():
+        os.makedirs(workdir, exist_ok=True)
+        tokenizer.save(path)

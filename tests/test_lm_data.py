@@ -1,0 +1,436 @@
+"""Language-model batches: prepared corpora, token files and streams, against numpy references."""
+
+import gzip
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+from jaxnv.data.lm import PackedBatches, PreparedCorpus, TokenFileBatches, WindowBatches
+from jaxnv.data.streaming import stream_dataset
+
+EOS = 7
+
+
+def write_prepared(directory, docs, shards=2, dtype="uint16", eos_id=EOS, vocab=300):
+    """A prepared directory in the `jaxnv data prepare` layout, written with the raw writer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    entries, per = [], -(-len(docs) // shards)
+    for s in range(shards):
+        part = docs[s * per : (s + 1) * per]
+        name = f"shard-{s:05d}.array_record"
+        writer = ArrayRecordWriter(str(directory / name), "group_size:1")
+        for d in part:
+            writer.write(np.asarray(d, dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
+        writer.close()
+        entries.append({"path": name, "documents": len(part), "tokens": int(sum(map(len, part)))})
+    np.save(directory / "lengths.npy", np.array([len(d) for d in docs], dtype=np.int64))
+    manifest = {
+        "format": "jaxnv-tokens/1",
+        "tokenizer": {"kind": "test", "fingerprint": "0", "vocab_size": vocab, "eos_id": eos_id},
+        "dtype": dtype,
+        "shards": entries,
+        "documents": len(docs),
+        "tokens": int(sum(map(len, docs))),
+        "complete": True,
+    }
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return directory
+
+
+def random_docs(n=60, seed=0, high=40):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(10, 300, int(k)).astype(np.int64) for k in rng.integers(1, high, n)]
+
+
+def raw_docs(directory):
+    """Every record of the shards, read with the raw ArrayRecordReader (independent reference)."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    out = []
+    for shard in manifest["shards"]:
+        reader = ArrayRecordReader(str(directory / shard["path"]))
+        out += [np.frombuffer(r, dtype="<u2") for r in reader.read_all()]
+        reader.close()
+    return out
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return PreparedCorpus(write_prepared(tmp_path / "prep", random_docs()))
+
+
+def test_corpus_reads_documents_and_splits_whole_documents(corpus, tmp_path):
+    ref = raw_docs(tmp_path / "prep")
+    assert len(corpus) == len(ref)
+    assert all(np.array_equal(corpus.doc(i), d) for i, d in enumerate(ref))
+    train, held = corpus.split(0.2, seed=3)
+    assert sorted(np.concatenate([train, held]).tolist()) == list(range(len(ref)))
+    assert 0 < len(held) < len(ref) / 2 and np.array_equal(held, corpus.split(0.2, seed=3)[1])
+    assert len(corpus.split(1e-9)[1]) == 1  # a positive fraction holds out at least one document
+    assert len(corpus.split(0.0)[1]) == 0
+
+
+def test_corpus_refuses_a_missing_or_incomplete_preparation(tmp_path):
+    with pytest.raises(FileNotFoundError, match="jaxnv data prepare"):
+        PreparedCorpus(tmp_path / "nothing")
+    d = write_prepared(tmp_path / "p", random_docs(5))
+    manifest = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(ValueError, match="not complete"):
+        PreparedCorpus(d)
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    shard = d / manifest["shards"][0]["path"]
+    shard.write_bytes(shard.read_bytes()[:-20])  # truncated
+    with pytest.raises(ValueError, match=shard.name):
+        PreparedCorpus(d)
+
+
+def reference_windows(docs, ids, seq_len):
+    """The documents `ids` concatenated with eos after each, cut into windows of seq_len + 1."""
+    stream = np.concatenate([np.append(docs[i], EOS) for i in ids])
+    n = len(stream) // (seq_len + 1)
+    return stream[: n * (seq_len + 1)].reshape(n, seq_len + 1)
+
+
+def test_window_batches_equal_slices_of_the_concatenation(corpus, tmp_path):
+    ref_docs = raw_docs(tmp_path / "prep")
+    train, _ = corpus.split(0.1, seed=0)
+    T, B, seed = 16, 4, 5
+    wb = WindowBatches(corpus, train, seq_len=T, batch_size=B, seed=seed)
+    ref = reference_windows(ref_docs, train, T)
+    assert wb.num_examples == len(ref)
+    perm0 = np.random.default_rng([seed, 0]).permutation(len(ref))  # StepBatches' epoch order
+    perm1 = np.random.default_rng([seed, 1]).permutation(len(ref))
+    stream = np.concatenate([perm0, perm1])
+    for step in (0, 1, len(ref) // B):  # the last one straddles two epochs when B does not divide
+        batch = wb[step]
+        rows = ref[stream[step * B : (step + 1) * B]]
+        np.testing.assert_array_equal(batch["x"], rows[:, :-1])
+        np.testing.assert_array_equal(batch["y"], rows[:, 1:])
+        assert batch["x"].dtype == np.int32 and batch["x"].shape == (B, T)
+        np.testing.assert_array_equal(wb[step]["x"], batch["x"])  # the same step twice
+    evals = list(wb.eval_batches(5))
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b, _ in evals]), ref[:, :-1])
+    assert sum(n for _, n in evals) == len(ref)
+
+
+def test_window_batches_per_process_and_iterate(corpus):
+    ids = np.arange(len(corpus))
+    full = WindowBatches(corpus, ids, seq_len=8, batch_size=4, seed=1)
+    parts = [
+        WindowBatches(corpus, ids, 8, 4, 1, process_index=p, process_count=2) for p in range(2)
+    ]
+    for step in (0, 3, 57):
+        local = [p.local(step) for p in parts]
+        for k in ("x", "y"):
+            np.testing.assert_array_equal(np.concatenate([b[k] for b in local]), full[step][k])
+    got = list(parts[1].iterate(2, 9))
+    for step, batch in zip(range(2, 9), got, strict=True):
+        np.testing.assert_array_equal(batch["x"], parts[1].local(step)["x"])
+    stacked = list(full.iterate(0, 5, put=lambda b: b))  # the stacked chunk path
+    for step, batch in enumerate(stacked):
+        np.testing.assert_array_equal(np.asarray(batch["y"]), full[step]["y"])
+    assert WindowBatches.holds_global is True
+
+
+def test_window_batches_read_only_the_records_a_batch_needs(corpus):
+    reads = []
+    source = corpus.source
+
+    class Counting:
+        def __getitems__(self, keys):
+            reads.extend(keys)
+            return source.__getitems__(keys)
+
+    corpus.source = Counting()
+    wb = WindowBatches(corpus, np.arange(len(corpus)), seq_len=8, batch_size=2, seed=0)
+    wb[0]
+    assert 0 < len(reads) <= 2 * (8 // 1 + 2) and len(reads) < len(corpus) // 3
+
+
+def test_packed_batches_rows_hold_the_documents_pieces(tmp_path):
+    docs = random_docs(40, seed=4, high=30)  # some longer than a row: split into pieces
+    corpus = PreparedCorpus(write_prepared(tmp_path / "prep", docs))
+    ref = [np.append(d, EOS) for d in raw_docs(tmp_path / "prep")]
+    T, ids = 12, np.arange(3, 40)
+    pb = PackedBatches(corpus, ids, seq_len=T, batch_size=1, seed=2)
+    plan = pb.plan(0)
+    # the plan covers every piece of every chosen document exactly once
+    expected = sorted(
+        (int(i), s, min(T + 1, len(ref[i]) - s)) for i in ids for s in range(0, len(ref[i]), T + 1)
+    )
+    assert sorted(p for row in plan for p in row) == expected
+    for step, row in enumerate(plan):  # batch_size 1: step r is row r of epoch 0
+        b = pb[step]
+        tokens = np.concatenate([b["x"][0, :1], b["y"][0]])  # the row's T + 1 tokens
+        at = 0
+        for s, (doc, start, n) in enumerate(row, start=1):
+            np.testing.assert_array_equal(tokens[at : at + n], ref[doc][start : start + n])
+            seg = b["segment_ids"][0, at : at + n]
+            assert (seg[: T - at] == s).all()
+            np.testing.assert_array_equal(
+                b["positions"][0, at : min(at + n, T)], np.arange(min(n, T - at))
+            )
+            w = b["weights"][0, at : min(at + n, T)]
+            assert (w[: n - 1] == 1).all() and (at + n > T or w[n - 1] == 0)
+            at += n
+        assert (b["segment_ids"][0, at:] == 0).all() and (
+            b["weights"][0, max(at - 1, 0) :] == 0
+        ).all()
+    assert pb.plan(1) != plan  # reshuffled per epoch
+    np.testing.assert_array_equal(
+        pb[len(plan)]["x"], PackedBatches(corpus, ids, T, 1, 2)[len(plan)]["x"]
+    )
+    two = [PackedBatches(corpus, ids, T, 4, 2, process_index=p, process_count=2) for p in range(2)]
+    four = PackedBatches(corpus, ids, T, 4, 2)
+    for step in (0, 5):
+        for k in ("x", "segment_ids", "weights"):
+            joined = np.concatenate([p.local(step)[k] for p in two])
+            np.testing.assert_array_equal(joined, four[step][k])
+    evals = list(pb.eval_batches(3))
+    assert sum(n for _, n in evals) == len(pb.plan(None))
+
+
+def test_token_file_windows_equal_slices_of_fromfile(tmp_path):
+    path = tmp_path / "train.bin"
+    data = np.random.default_rng(0).integers(0, 50000, 5000).astype(np.uint16)
+    data.tofile(path)
+    ref = np.fromfile(path, dtype=np.uint16)
+    tb = TokenFileBatches(path, "uint16", seq_len=32, batch_size=6, seed=9)
+    for step in (0, 7):
+        offsets = np.random.default_rng([9, step]).integers(0, len(ref) - 32, 6)
+        rows = np.stack([ref[o : o + 33] for o in offsets]).astype(np.int32)
+        batch = tb[step]
+        np.testing.assert_array_equal(batch["x"], rows[:, :-1])
+        np.testing.assert_array_equal(batch["y"], rows[:, 1:])
+    halves = [
+        TokenFileBatches(path, "uint16", 32, 6, 9, process_index=p, process_count=2)
+        for p in range(2)
+    ]
+    np.testing.assert_array_equal(np.concatenate([h.local(3)["x"] for h in halves]), tb[3]["x"])
+    with pytest.raises(ValueError, match="uint16 or uint32"):
+        TokenFileBatches(path, "int8", 32, 6, 9)
+    (tmp_path / "odd.bin").write_bytes(b"abc")
+    with pytest.raises(ValueError, match="check the dtype"):
+        TokenFileBatches(tmp_path / "odd.bin", "uint16", 1, 1, 0)
+
+
+def test_token_file_iteration_keeps_memory_small(tmp_path):
+    path = tmp_path / "big.bin"
+    with open(path, "wb") as f:
+        f.truncate(2 * 1024**3)  # 2 GB, sparse: costs no disk
+    code = textwrap.dedent(f"""
+        import numpy as np
+        from jaxnv.data.lm import TokenFileBatches
+        def rss():
+            for line in open("/proc/self/status"):
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        b = TokenFileBatches({str(path)!r}, "uint16", seq_len=1024, batch_size=32, seed=0)
+        before = rss()
+        for batch in b.iterate(0, 300):
+            assert batch["x"].shape == (32, 1024)
+        print(rss() - before)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    grew = int(out.stdout.strip().splitlines()[-1])
+    assert grew < 300 * 1024**2, f"resident memory grew by {grew / 2**20:.0f} MB"
+
+
+class ByteTok:
+    """The tokenizer contract at its simplest: UTF-8 bytes, eos 256."""
+
+    eos_id, vocab_size = 256, 257
+
+    def encode(self, text):
+        return list(text.encode())
+
+
+def make_texts(n, seed):
+    rng = np.random.default_rng(seed)
+    words = ["alpha", "beta", "gamma", "delta", "é", "λx", "stream", "pack"]
+    return [" ".join(rng.choice(words, int(k))) for k in rng.integers(1, 12, n)]
+
+
+def write_sources(tmp_path, texts, fmt, files):
+    """`texts` spread over `files` files of `fmt`; returns the paths and the texts in file order."""
+    paths, parts = [], np.array_split(np.arange(len(texts)), files)
+    for f, idx in enumerate(parts):
+        chunk = [texts[i] for i in idx]
+        if fmt == "jsonl":
+            p = tmp_path / f"part-{f}.jsonl"
+            p.write_text(
+                "".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(chunk))
+            )
+        else:
+            p = tmp_path / f"part-{f}.parquet"
+            pq.write_table(
+                pa.table({"id": list(range(len(chunk))), "text": chunk}), p, row_group_size=5
+            )
+        paths.append(str(p))
+    return paths
+
+
+def read_back(paths, fmt):
+    """The documents of `paths` read by the libraries themselves (json, pyarrow)."""
+    if fmt == "jsonl":
+        return [json.loads(line)["text"] for p in paths for line in open(p)]
+    return [t for p in paths for t in pq.read_table(p).column("text").to_pylist()]
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_stream_windows_equal_the_tokenized_concatenation(tmp_path):
+    paths = write_sources(tmp_path, make_texts(40, 0), "jsonl", 3)
+    docs = read_back(paths, "jsonl")
+    stream = np.concatenate([list(t.encode()) + [256] for t in docs])
+    T, B = 10, 2
+    n = len(stream) // (T + 1) // B * B
+    ref = stream[: n * (T + 1)].reshape(n, T + 1)
+    ds = stream_dataset(paths, "jsonl", "text", ByteTok(), T, B, shuffle_files=False, num_epochs=1)
+    got = list(ds)
+    assert got[0]["x"].dtype == np.int32 and got[0]["x"].shape == (B, T)
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in got]), ref[:, :-1])
+    np.testing.assert_array_equal(np.concatenate([b["y"] for b in got]), ref[:, 1:])
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+@pytest.mark.parametrize("packing", [False, True])
+def test_stream_resume_from_saved_state_is_exact(tmp_path, fmt, packing):
+    paths = write_sources(tmp_path, make_texts(30, 1), fmt, 2)
+    ds = stream_dataset(
+        paths, fmt, "text", ByteTok(), seq_len=16, batch_size=4, packing=packing, seed=3
+    )
+    it = iter(ds)
+    take(it, 7)
+    state = json.loads(json.dumps(it.get_state()))  # the checkpoint stores it as JSON
+    after = take(it, 25)  # crosses epochs: the files are reshuffled each epoch
+    fresh = iter(ds)
+    fresh.set_state(state)
+    again = take(fresh, 25)
+    for a, b in zip(after, again, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    if packing:
+        assert set(after[0]) == {"x", "y", "segment_ids", "positions", "weights"}
+
+
+def segments(batches):
+    """The token runs of every segment of packed batches (visible in x, plus y's last)."""
+    out = []
+    for b in batches:
+        for x, y, seg, w in zip(b["x"], b["y"], b["segment_ids"], b["weights"], strict=True):
+            for s in np.unique(seg[seg > 0]):
+                where = np.flatnonzero(seg == s)
+                run = list(x[where]) + ([y[where[-1]]] if w[where[-1]] else [])
+                out.append(tuple(int(t) for t in run))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("files", [1, 4])
+def test_stream_processes_read_disjoint_documents(tmp_path, files):
+    texts = [f"document number {i} " * (i % 3 + 1) for i in range(24)]
+    paths = write_sources(tmp_path, texts, "parquet", files)
+    kw = {"packing": True, "seed": 0, "num_epochs": 1, "shuffle_files": False}
+    one = list(stream_dataset(paths, "parquet", "text", ByteTok(), 64, 1, **kw))
+    two = [
+        list(
+            stream_dataset(
+                paths, "parquet", "text", ByteTok(), 64, 2, process_index=p, process_count=2, **kw
+            )
+        )
+        for p in range(2)
+    ]
+    assert segments(two[0] + two[1]) == segments(one)
+    assert len(segments(one)) == 24  # each document once (all fit in a row)
+    assert not set(segments(two[0])) & set(segments(two[1]))
+    assert all(b["x"].shape == (1, 64) for b in two[0])
+
+
+def test_stream_errors_are_one_line(tmp_path):
+    paths = write_sources(tmp_path, make_texts(4, 2), "parquet", 1)
+    with pytest.raises(ValueError, match="set data.field"):
+        next(iter(stream_dataset(paths, "parquet", "body", ByteTok(), 8, 1)))
+    with pytest.raises(ValueError, match="cannot be streamed"):
+        stream_dataset(paths, "csv", "text", ByteTok(), 8, 1)
+    numbers = tmp_path / "n.jsonl"
+    numbers.write_text('{"text": 3}\n')
+    with pytest.raises(ValueError, match="not text"):
+        next(iter(stream_dataset([str(numbers)], "jsonl", "text", ByteTok(), 8, 1)))
+    with pytest.raises(FileNotFoundError, match="check data.path"):
+        stream_dataset([str(tmp_path / "none.jsonl")], "jsonl", "text", ByteTok(), 8, 1)
+
+
+def test_stream_text_files_are_one_document_each_and_gzip_jsonl_reads(tmp_path):
+    texts = make_texts(6, 5)
+    for i, t in enumerate(texts):
+        (tmp_path / f"doc{i}.txt").write_text(t)
+    paths = [str(tmp_path / f"doc{i}.txt") for i in range(6)]
+    kw = {"packing": True, "num_epochs": 1, "shuffle_files": False}
+    got = segments(list(stream_dataset(paths, "text", "text", ByteTok(), 128, 1, **kw)))
+    assert got == sorted(tuple(list(t.encode()) + [256]) for t in texts)
+    gz = tmp_path / "docs.jsonl.gz"
+    with gzip.open(gz, "wt") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    it = iter(stream_dataset([str(gz)], "jsonl", "text", ByteTok(), 24, 1, **kw))
+    next(it)
+    state = it.get_state()
+    rest = [b["x"] for b in it]
+    fresh = iter(stream_dataset([str(gz)], "jsonl", "text", ByteTok(), 24, 1, **kw))
+    fresh.set_state(state)
+    assert len(rest) > 1 and all(
+        np.array_equal(a, b["x"]) for a, b in zip(rest, fresh, strict=True)
+    )
+
+
+def test_prepare_output_reads_back_as_windows(tmp_path):
+    from jaxnv.data.prepare import prepare
+    from jaxnv.data.tokenizers import ByteTokenizer
+
+    paths = write_sources(tmp_path, make_texts(25, 6), "jsonl", 2)
+    prepare(paths, tmp_path / "prep", tokenizer="bytes", progress=False)
+    corpus = PreparedCorpus(tmp_path / "prep")
+    tok = ByteTokenizer()
+    docs = [np.array(tok.encode(t)) for t in read_back(paths, "jsonl")]
+    assert corpus.eos_id == tok.eos_id and len(corpus) == len(docs)
+    stream = np.concatenate([np.append(d, tok.eos_id) for d in docs])
+    wb = WindowBatches(corpus, np.arange(len(corpus)), seq_len=9, batch_size=3, seed=0)
+    got = np.concatenate([b["x"] for b, _ in wb.eval_batches(4)])
+    n = len(stream) // 10
+    np.testing.assert_array_equal(got, stream[: n * 10].reshape(n, 10)[:, :-1])
+
+
+def tokens_per_second(batches, steps: int) -> float:
+    """Benchmark helper: tokens/s of `iterate` over `steps` steps (prefetching as in training)."""
+    start = time.perf_counter()
+    n = sum(int(b["x"].size) for b in batches.iterate(0, steps))
+    return n / (time.perf_counter() - start)
+
+
+def test_benchmark_helper_runs(corpus):
+    wb = WindowBatches(corpus, np.arange(len(corpus)), seq_len=16, batch_size=4, seed=0)
+    assert tokens_per_second(wb, 5) > 0
+
+
+if __name__ == "__main__":  # python tests/test_lm_data.py DIR: tokens/s over a few-MB corpus
+    import pathlib
+    import tempfile
+
+    directory = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp())
+    docs = random_docs(4000, seed=0, high=1500)  # ~3 M tokens, ~6 MB
+    c = PreparedCorpus(write_prepared(directory / "bench", docs, shards=4))
+    ids = np.arange(len(c))
+    for cls in (WindowBatches, PackedBatches):
+        b = cls(c, ids, seq_len=1024, batch_size=32, seed=0)
+        b[0]  # plan / warm caches
+        print(f"{cls.__name__}: {tokens_per_second(b, 100) / 1e6:.2f} M tokens/s")
