@@ -65,7 +65,8 @@ def plain_loss(params, batch, act):
         p = params["blocks"][i]
         h = rms_norm(x, p["attn_norm"]["scale"])
         a = p["attn"]
-        wq, wk, wv = a["wqkv"][:, 0], a["wqkv"][:, 1], a["wqkv"][:, 2]  # (D, N, H) each
+        # wqkv (D, K, G + 2, H) with K = N kv heads, G = 1: q, k, v at 0, 1, 2 of axis 2
+        wq, wk, wv = (a["wqkv"][:, :, i] for i in range(3))  # (D, N, H) each
         q = rope(jnp.einsum("btd,dnh->btnh", h, wq))
         k = rope(jnp.einsum("btd,dnh->btnh", h, wk))
         v = jnp.einsum("btd,dnh->btnh", h, wv)
@@ -110,8 +111,8 @@ def make_torch(params, batch, act_name, compile_it):
             for i in range(len(params["blocks"])):
                 p, blk = params["blocks"][i], torch.nn.Module()
                 blk.n1, blk.n2 = to_t(p["attn_norm"]["scale"]), to_t(p["mlp_norm"]["scale"])
-                N, H = p["attn"]["wqkv"].shape[2:]
-                blk.wqkv = to_t(np.reshape(p["attn"]["wqkv"], (D, 3 * N * H)))  # (D, 3NH)
+                N, _, H = p["attn"]["wqkv"].shape[1:]  # (D, N, 3, H): q, k, v per head
+                blk.wqkv = to_t(np.reshape(p["attn"]["wqkv"], (D, N * 3 * H)))  # (D, N3H)
                 blk.wo = to_t(np.reshape(p["attn"]["wo"], (N * H, D)))
                 blk.wg = to_t(p["mlp"]["w_gate_up"][:, 0])
                 blk.wu = to_t(p["mlp"]["w_gate_up"][:, 1])
@@ -129,8 +130,8 @@ def make_torch(params, batch, act_name, compile_it):
             x = self.emb[tokens]
             for blk in self.blocks:
                 N = blk.heads
-                h = self.norm(x, blk.n1) @ blk.wqkv  # (B, T, 3NH)
-                q, k, v = h.view(B, T, 3, N, -1).permute(2, 0, 3, 1, 4)  # (B, N, T, H) each
+                h = self.norm(x, blk.n1) @ blk.wqkv  # (B, T, N3H)
+                q, k, v = h.view(B, T, N, 3, -1).permute(3, 0, 2, 1, 4)  # (B, N, T, H) each
                 H = q.shape[-1]
                 inv = 10000.0 ** (-torch.arange(H // 2, dtype=torch.float32) / (H // 2))
                 ang = torch.arange(T, dtype=torch.float32)[:, None] * inv[None, :]

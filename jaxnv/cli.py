@@ -6,6 +6,8 @@
     jaxnv predict PATH --input INPUT.npy [--output OUT.npy]
     jaxnv launch -n N [--cpu-devices K] -- train EXPERIMENT ...
     jaxnv bench [NAME [--quick] [--repeats R] [--record] ...]
+    jaxnv data prepare --input GLOB --out DIR [--tokenizer bytes|PATH|bpe:N] [--workers N]
+    jaxnv generate (WORKDIR | HF_DIR) --prompt TEXT [--max-tokens N] [--temperature T] ...
     jaxnv info
 
 `eval`, `export` and a resume (`train` on a workdir with checkpoints) start from the workdir's
@@ -216,6 +218,29 @@ def _shape(spec: dict) -> str:
     return f"({dims}) {spec['dtype']}"
 
 
+def cmd_generate(args) -> int:
+    import jax
+
+    from jaxnv.serve.loading import load_lm
+
+    step = int(args.step) if args.step and args.step.isdigit() else args.step
+    lm = load_lm(args.path, step=step, experiment=args.experiment)
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    if args.temperature > 0:
+        sampling["rng"] = jax.random.key(args.seed)
+    texts = lm.complete(args.prompt, args.max_tokens, stop=tuple(args.stop), **sampling)
+    for prompt, text in zip(args.prompt, texts, strict=True):
+        print(prompt + text, flush=True)
+    return 0
+
+
+def cmd_data(args) -> int:
+    from jaxnv.data.prepare import main as prepare_main
+
+    prepare_main(args.data_args)  # prints its one-line summary
+    return 0
+
+
 def cmd_predict(args) -> int:
     import numpy as np
 
@@ -369,9 +394,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="the script's options, e.g. --quick, --repeats R, --record (append to RESULTS.md)",
     )
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser(
+        "data",
+        help="tokenize a corpus once: jaxnv data prepare --input GLOB --out DIR [--tokenizer ...]",
+    )
+    p.add_argument("action", choices=("prepare",))
+    p.add_argument(
+        "data_args",
+        nargs=argparse.REMAINDER,
+        metavar="...",
+        help="--input GLOB --out DIR [--tokenizer bytes|PATH|bpe:N] [--format F] [--field F] "
+        "[--workers N] (jaxnv data prepare --help)",
+    )
+    p.set_defaults(func=cmd_data)
+    p = sub.add_parser(
+        "generate", help="continue a text prompt with a trained workdir or a Hugging Face model"
+    )
+    p.add_argument("path", help="a workdir (trained on text files) or a Hugging Face model dir")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", help="of a workdir: latest (default), best or a step")
+    p.add_argument("--experiment", help="the experiment whose make_model built the workdir's model")
+    p.set_defaults(func=cmd_generate)
     p = sub.add_parser("info", help="backend, devices, the auto precision and versions")
     p.set_defaults(func=cmd_info)
-    for name in ("train", "eval", "export", "predict", "info"):  # also after the command
+    for name in ("train", "eval", "export", "predict", "generate", "info"):  # after it too
         sub.choices[name].add_argument(
             "--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
         )

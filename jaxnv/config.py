@@ -37,7 +37,6 @@ class ModelConfig:
     """
 
     name: str = "linear"
-    init_from: str = ""  # hf:DIR starts from a local Hugging Face checkpoint (docs/finetuning.md)
 
     # foreign key -> this family's key that does that job; completes the "did you mean"
     related: typing.ClassVar[dict[str, str]] = {}
@@ -141,6 +140,7 @@ class TransformerConfig(ModelConfig):
     tie_embeddings: bool = True
     remat: str = "none"  # none | full | dots
     dropout: float = 0.0
+    init_from: str = ""  # hf:DIR: start from a local Hugging Face checkpoint (docs/finetuning.md)
     # architecture switches (defaults: jaxnv's own model; see jaxnv/models/transformer.py)
     num_kv_heads: int = 0  # 0: num_heads (MHA); fewer: grouped-query attention, 1: MQA
     head_dim: int = 0  # 0: embed_dim // num_heads
@@ -213,7 +213,7 @@ class DataConfig:
     # name=files (docs/data.md): auto|text|jsonl|parquet|array_record|tokens
     format: str = "auto"
     field: str = "text"  # the text field of JSONL records / column of Parquet files
-    # "" (a prepared corpus's own, else bytes) | bytes | PATH/tokenizer.json | PATH.model | bpe:VOCAB
+    # "": a prepared corpus's own, else bytes | bytes | PATH/tokenizer.json | PATH.model | bpe:N
     tokenizer: str = ""
     packing: bool = False  # documents packed into rows (segment ids) instead of windows
     eval_path: str = ""  # held-out files; empty: hold out eval_fraction of the documents
@@ -464,6 +464,13 @@ def _legacy_default(name: str, value: Any) -> bool:
     return name in _LEGACY_MODEL_DEFAULTS and value == _LEGACY_MODEL_DEFAULTS[name]
 
 
+def _legacy_cnn_norm(model: ModelConfig, name: str, value: Any, section: dict) -> bool:
+    """The flat section of old config.json files held the cnn's `norm="batch"` for every model;
+    the transformer's own `norm` (rms | layer) came later and must not read it."""
+    flat = "blocks_per_stage" in section  # only the old flat section holds cnn keys elsewhere
+    return flat and model.name == "transformer" and name == "norm" and value == "batch"
+
+
 def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
     """Rebuild a Config from `to_dict` output; unknown keys and wrong types are errors.
 
@@ -486,6 +493,8 @@ def from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
                 and name not in _fields(type(cfg.model))
                 and _legacy_default(name, value)
             ):
+                continue
+            if section == "model" and _legacy_cnn_norm(cfg.model, name, value, values):
                 continue
             cfg = set_value(cfg, f"{section}.{name}", value)
     return cfg

@@ -30,7 +30,12 @@ from jaxnv.models import build_model
 
 
 def default_make_model(cfg: Config, data: Dataset, policy: Policy, rngs: nnx.Rngs) -> nnx.Module:
-    """The registry model `cfg.model.name` sized for `data`."""
+    """The registry model `cfg.model.name` sized for `data` (or, with `model.init_from=hf:DIR`,
+    the transformer of DIR's config.json; the loop loads its weights)."""
+    if getattr(cfg.model, "init_from", ""):
+        from jaxnv.checkpoint.pretrained import pretrained_model
+
+        return pretrained_model(cfg.model, cfg.model.max_seq_len or data.in_features, policy, rngs)
     tokenizer = data.info.get("tokenizer")
     vocab = getattr(cfg.model, "vocab_size", 0)
     if tokenizer is not None and vocab and vocab < tokenizer.vocab_size:
@@ -45,7 +50,15 @@ def default_make_data(cfg: Config) -> Dataset:
     """The data set `cfg.data.name`: a built-in one, arrays from a file, or the user's own text
     files (`files`: batched by the data itself, as the global batch of `train.batch_size`)."""
     if cfg.data.name == "files":
-        import jax  # here: files need the process layout (and load pyarrow, tokenizers)
+        import dataclasses as dc
+
+        import jax
+
+        from jaxnv.checkpoint.pretrained import hf_dir
+
+        pretrained = hf_dir(getattr(cfg.model, "init_from", ""))
+        if pretrained and not cfg.data.tokenizer:  # the checkpoint's own tokenizer.json
+            cfg = dc.replace(cfg, data=dc.replace(cfg.data, tokenizer=pretrained))
 
         from jaxnv.data.text import files_dataset
 

@@ -13,6 +13,7 @@ LAYERS = [
     "data",
     "parallel",
     "checkpoint",
+    "hf",  # jaxnv.hf: the public face of checkpoint/hf.py
     "config",
     "experiment",
     "train",

@@ -321,6 +321,11 @@ def test_accumulate_steps_schedule_spans_the_updates_that_happen(tmp_path):
 # Written out by hand: each experiment's model and the keys `--print-config` shows for it.
 LINEAR = {"name", "use_bias"}
 MLP = {"name", "features", "activation", "dropout", "use_bias"}
+TRANSFORMER_SWITCHES = {  # the architecture keys (Llama, Qwen2, GPT-2 layouts) and init_from
+    "num_kv_heads", "head_dim", "position", "rope_theta", "rope_scaling", "rope_scaling_factor",
+    "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len", "norm", "norm_eps",
+    "mlp", "qkv_bias", "out_bias", "mlp_bias", "init_from",
+}  # fmt: skip
 MODEL_SECTIONS = {
     "house_prices": ("linear", LINEAR),
     "binary_classification": ("mlp", MLP),
@@ -341,9 +346,11 @@ MODEL_SECTIONS = {
             "tie_embeddings",
             "remat",
             "dropout",
-        },
+        }
+        | TRANSFORMER_SWITCHES,
     ),
 }
+MODEL_SECTIONS["code_lm"] = MODEL_SECTIONS["char_gpt"]  # the same transformer section
 
 
 def test_every_experiment_has_its_model_section_written_down():

@@ -17,12 +17,12 @@ from jaxnv.core.losses import softmax_cross_entropy
 from jaxnv.core.precision import get_policy
 from jaxnv.core.state import init_state, param_count, split_model
 from jaxnv.core.step import make_train_step
+from jaxnv.models.generate import generate
 from jaxnv.models.transformer import (
     Transformer,
     apply_rope,
     default_mlp_dim,
     flops_per_token,
-    generate,
     num_params,
     rms_norm,
 )
@@ -256,7 +256,7 @@ def test_logical_axis_names(model):
         named = [n for n in names if n is not None]
         assert len(set(named)) == len(named), path
     assert flat["['embedding']"] == ("vocab", "embed")
-    assert flat["['blocks'][0]['attn']['wqkv']"] == ("embed", None, "heads", "kv")
+    assert flat["['blocks'][0]['attn']['wqkv']"] == ("embed", "heads", None, "kv")
     assert flat["['blocks'][0]['mlp']['w_gate_up']"] == ("embed", None, "mlp")
     assert flat["['blocks'][1]['attn']['wo']"] == ("heads", "kv", "embed")
     assert flat["['blocks'][0]['mlp']['w_down']"] == ("mlp", "embed")

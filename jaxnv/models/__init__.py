@@ -12,12 +12,26 @@ from jaxnv.core.precision import Policy
 if TYPE_CHECKING:  # read by attribute: models import only the core at run time
     from jaxnv.config import ModelConfig
 from jaxnv.models.cnn import CNN
+from jaxnv.models.generate import generate
 from jaxnv.models.linear import Linear
 from jaxnv.models.mlp import ACTIVATIONS, MLP, get_activation
 from jaxnv.models.rnn import LSTM
-from jaxnv.models.transformer import Transformer, generate
+from jaxnv.models.transformer import Transformer
 
 MODELS = ("linear", "mlp", "cnn", "lstm", "transformer")
+
+
+def _rope_scaling(cfg) -> dict | None:
+    """The transformer's `rope_scaling` dict from the config's flat `rope_scaling*` fields."""
+    if cfg.rope_scaling in ("", "none"):
+        return None
+    return {
+        "rope_type": cfg.rope_scaling,
+        "factor": cfg.rope_scaling_factor,
+        "low_freq_factor": cfg.rope_low_freq_factor,
+        "high_freq_factor": cfg.rope_high_freq_factor,
+        "original_max_position_embeddings": cfg.rope_original_max_len,
+    }
 
 
 def build_model(
@@ -81,6 +95,17 @@ def build_model(
             tie_embeddings=cfg.tie_embeddings,
             remat=cfg.remat,
             dropout=cfg.dropout,
+            num_kv_heads=cfg.num_kv_heads or None,
+            head_dim=cfg.head_dim or None,
+            position=cfg.position,
+            rope_theta=cfg.rope_theta,
+            rope_scaling=_rope_scaling(cfg),
+            norm=cfg.norm,
+            norm_eps=cfg.norm_eps,
+            mlp=cfg.mlp,
+            qkv_bias=cfg.qkv_bias,
+            out_bias=cfg.out_bias,
+            mlp_bias=cfg.mlp_bias,
             policy=policy,
             rngs=rngs,
         )

@@ -3,13 +3,16 @@
     jaxnv.parallel.distributed.initialize()  # before any other JAX call; a no-op for one process
 
 Explicit settings come from `JAXNV_COORDINATOR` (host:port), `JAXNV_NUM_PROCESSES` and
-`JAXNV_PROCESS_ID`; without them, clusters that JAX auto-detects (SLURM, Open MPI, Kubernetes
-jobsets, ...) are joined with `jax.distributed.initialize()`'s own detection.
-`jaxnv launch -n N -- train ...` starts N local processes on loopback for CPU testing.
+`JAXNV_PROCESS_ID` (what `jaxnv launch` and the Kubernetes manifest in deploy/k8s set); without
+them, a launcher that JAX's own cluster detection knows (SLURM's `srun`, Open MPI's `mpirun`, a
+Kubernetes JobSet, ...) supplies the coordinator, the process count and this process's index.
+Either way one line on stderr says what was joined. `jaxnv launch -n N -- train ...` starts N
+local processes on loopback for CPU testing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -21,32 +24,116 @@ import time
 
 import jax
 
-CLUSTER_HINTS = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JOBSET_NAME")
+# Detection runs only when one of these says a launcher started us: probing every cluster kind
+# on every single-process run would import the kubernetes client or query metadata servers.
+CLUSTER_HINTS = ("SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "OMPI_COMM_WORLD_SIZE", "JOBSET_NAME")
+# JAX's detectors (jax/_src/clusters), by the names people know their launchers by
+_LAUNCHERS = {
+    "OmpiCluster": "Open MPI",
+    "SlurmCluster": "SLURM",
+    "K8sCluster": "Kubernetes",
+    "GkeTpuCluster": "GKE TPU",
+    "GceTpuCluster": "Cloud TPU",
+}
 _initialized = False
 
 
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """A multi-process run as this process sees it."""
+
+    launcher: str  # "SLURM", "Open MPI", "Kubernetes", "JAXNV_COORDINATOR", ...
+    coordinator: str  # host:port that process 0 serves and every process dials
+    num_processes: int
+    process_id: int
+    explicit: bool = False  # from JAXNV_* variables, not from JAX's detection
+
+
+def _explicit() -> Cluster | None:
+    coordinator = os.environ.get("JAXNV_COORDINATOR")
+    if not coordinator:
+        return None
+    try:
+        num = int(os.environ["JAXNV_NUM_PROCESSES"])
+        pid = int(os.environ["JAXNV_PROCESS_ID"])
+    except (KeyError, ValueError):
+        raise ValueError(
+            "JAXNV_COORDINATOR is set but JAXNV_NUM_PROCESSES / JAXNV_PROCESS_ID are missing "
+            "or not integers: set all three"
+        ) from None
+    if not 0 <= pid < num:
+        raise ValueError(
+            f"JAXNV_PROCESS_ID={pid} is not in [0, JAXNV_NUM_PROCESSES={num}): number the "
+            "processes 0 .. N-1"
+        )
+    in_pod = "KUBERNETES_SERVICE_HOST" in os.environ  # the deploy/k8s manifest sets JAXNV_*
+    launcher = "Kubernetes (JAXNV_COORDINATOR)" if in_pod else "JAXNV_COORDINATOR"
+    return Cluster(launcher, coordinator, num, pid, explicit=True)
+
+
+def detect() -> Cluster | None:
+    """The multi-process run the environment describes, or None for a single process.
+
+    JAXNV_* variables win; otherwise JAX's own detectors (the ones `jax.distributed.initialize()`
+    runs, in its order) read the launcher's variables, e.g. SLURM_STEP_NODELIST's first host and a
+    port from SLURM_JOB_ID, or the `mpirun` address in OMPI_MCA_orte_hnp_uri.
+    JAX_COORDINATOR_ADDRESS / JAX_COORDINATOR_PORT override the coordinator, as in JAX.
+    """
+    explicit = _explicit()
+    if explicit or not any(k in os.environ for k in CLUSTER_HINTS):
+        return explicit
+    from jax._src import clusters  # JAX's detectors; no public API lists them
+
+    env = next(
+        (e for e in clusters.ClusterEnv._cluster_types
+         if not e.opt_in_only_method and e.is_env_present()),
+        None,
+    )  # fmt: skip
+    if env is None and int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        # Open MPI 5 (PRRTE) sets no OMPI_MCA_orte_hnp_uri: N lone runs would share one workdir
+        raise ValueError(
+            f"mpirun started {os.environ['OMPI_COMM_WORLD_SIZE']} ranks but JAX's Open MPI "
+            "detection needs OMPI_MCA_orte_hnp_uri (Open MPI 4): set JAXNV_COORDINATOR=host:port, "
+            "JAXNV_NUM_PROCESSES=$OMPI_COMM_WORLD_SIZE and JAXNV_PROCESS_ID=$OMPI_COMM_WORLD_RANK"
+        )
+    if env is None:  # e.g. a shell inside `salloc` (SLURM_JOB_ID but no srun step): one process
+        return None
+    coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS") or env.get_coordinator_address(
+        timeout_secs=300, override_coordinator_port=os.environ.get("JAX_COORDINATOR_PORT")
+    )
+    launcher = _LAUNCHERS.get(env.__name__, env.__name__)
+    return Cluster(launcher, coordinator, env.get_process_count(), env.get_process_id())
+
+
 def initialize() -> bool:
-    """Join the multi-process run described by the environment; True if one was joined."""
+    """Join the multi-process run described by the environment; True if one was joined.
+
+    Prints one line to stderr, e.g. `jaxnv: joined 2 processes via Open MPI (this is process 0),
+    coordinator 127.0.0.1:63521`. A detected run of one process (`srun -n 1`) joins nothing.
+    """
     global _initialized
     if _initialized:
         return True
-    coordinator = os.environ.get("JAXNV_COORDINATOR")
-    if coordinator:
-        try:
-            num = int(os.environ["JAXNV_NUM_PROCESSES"])
-            pid = int(os.environ["JAXNV_PROCESS_ID"])
-        except (KeyError, ValueError):
-            raise ValueError(
-                "JAXNV_COORDINATOR is set but JAXNV_NUM_PROCESSES / JAXNV_PROCESS_ID are missing "
-                "or not integers: set all three"
-            ) from None
-        # CPU devices talk through gloo; the setting is ignored by GPU and TPU backends
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator, num_processes=num, process_id=pid)
-    elif any(k in os.environ for k in CLUSTER_HINTS):
-        jax.distributed.initialize()  # JAX's own cluster auto-detection
-    else:
+    cluster = detect()
+    if cluster is None or (cluster.num_processes == 1 and not cluster.explicit):
         return False
+    # CPU devices talk through gloo; the setting is ignored by GPU and TPU backends
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        cluster.coordinator,
+        num_processes=cluster.num_processes,
+        process_id=cluster.process_id,
+        # explicit settings must not wake JAX's detectors (in a pod, K8s detection warns or
+        # queries the API server); detected ones still let JAX pick each process's GPU from
+        # its local rank (SLURM_LOCALID, OMPI_COMM_WORLD_LOCAL_RANK)
+        cluster_detection_method="deactivate" if cluster.explicit else None,
+    )
+    print(
+        f"jaxnv: joined {cluster.num_processes} processes via {cluster.launcher} (this is "
+        f"process {cluster.process_id}), coordinator {cluster.coordinator}",
+        file=sys.stderr,
+        flush=True,
+    )
     _initialized = True
     return True
 

@@ -25,6 +25,7 @@ from jaxnv import __version__
 from jaxnv import config as config_lib
 from jaxnv.checkpoint.manager import Checkpointer
 from jaxnv.checkpoint.preemption import Preempted, PreemptionGuard
+from jaxnv.checkpoint.pretrained import pretrained_params
 from jaxnv.core.optim import make_optimizer, make_schedule
 from jaxnv.core.precision import (
     DynamicLossScale,
@@ -168,9 +169,16 @@ def _assemble(cfg, model, loss_fn, batches, tx, learning_rate_fn, policy, loss_s
     graphdef = split_model(shapes)[0]
 
     def init() -> TrainState:  # each device creates only its own shards
-        return init_state(model, tx, policy, rng, loss_scale=loss_scale, out_shardings=plan.state)[
-            1
-        ]
+        state = init_state(model, tx, policy, rng, loss_scale=loss_scale, out_shardings=plan.state)
+        state = state[1]
+        init_from = getattr(cfg.model, "init_from", "")
+        if init_from:  # the weights of a pretrained checkpoint, on the run's own shardings
+            params = pretrained_params(
+                init_from, state.params, plan.state.params, policy=policy, mesh=mesh,
+                rules=cfg.mesh.rules, max_seq_len=shapes.max_seq_len,
+            )  # fmt: skip
+            state = state.replace(params=params)
+        return state
 
     placed = jax.tree.map(
         lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), template, plan.state

@@ -1,0 +1,248 @@
+"""The transformer's layers: norms, RoPE, attention (MHA/GQA/MQA) and the MLP, one class each.
+
+Every switch of `Transformer` that changes a layer lives here as a constructor argument; the
+param names, shapes and logical axis names are the contract with the Hugging Face importer
+(jaxnv/checkpoint/hf.py). Shapes in comments: B batch, T queries, S keys, D embed, N query heads,
+K kv heads, G = N // K query heads per kv head, H head dim, F mlp.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxnv.core.precision import Policy, accumulating_dtype
+from jaxnv.models.mlp import ACTIVATIONS
+
+# the transformer's activations: jaxnv's, plus GPT-2's "gelu_new" under its descriptive name
+TRANSFORMER_ACTIVATIONS = {
+    "silu": ACTIVATIONS["silu"],
+    "gelu": ACTIVATIONS["gelu"],
+    "relu": ACTIVATIONS["relu"],
+    "relu2": ACTIVATIONS["relu2"],
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
+NORMS = ("rms", "layer")
+ROPE_TYPES = ("default", "llama3")
+
+
+def param(rngs: nnx.Rngs, shape, names, std: float, dtype, *, vocab_size: int | None = None):
+    """A normal(0, std) param with logical axis `names` (std 0: zeros); padded 'vocab' entries
+    are zero."""
+
+    def init(key, shape, dtype):
+        value = std * jax.random.normal(key, shape, dtype) if std else jnp.zeros(shape, dtype)
+        if vocab_size is None:
+            return value
+        padded = tuple(slice(vocab_size, None) if n == "vocab" else slice(None) for n in names)
+        return value.at[padded].set(0)
+
+    return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), shape, dtype))
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout of x at `rate`; the identity without an rng."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------- norms
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """x / rms(x) * scale over the last axis, computed in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)  # (..., D)
+    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)  # (..., 1)
+    scale32 = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))  # (1.., D)
+    return (x32 * inv_rms * scale32).astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-5) -> jax.Array:
+    """(x - mean) / std * scale + bias over the last axis, in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)  # (..., D)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    inv_std = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
+    shape = (1,) * (x.ndim - 1) + (-1,)
+    scale32, bias32 = (p.astype(jnp.float32).reshape(shape) for p in (scale, bias))
+    return (centred * inv_std * scale32 + bias32).astype(x.dtype)
+
+
+class Norm(nnx.Module):
+    """RMSNorm (`kind="rms"`: `scale`) or LayerNorm (`"layer"`: `scale` and `bias`), all
+    ("embed",); float32 inside."""
+
+    def __init__(self, dim: int, *, kind: str = "rms", eps: float = 1e-6, policy: Policy):
+        ones = nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",))
+        self.scale = nnx.Param(ones(None, (dim,), policy.param_dtype))
+        if kind == "layer":
+            zeros = nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",))
+            self.bias = nnx.Param(zeros(None, (dim,), policy.param_dtype))
+        self.kind, self.eps = kind, eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.kind == "layer":
+            return layer_norm(x, self.scale[...], self.bias[...], self.eps)
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+# ---------------------------------------------------------------------------------------- RoPE
+def check_rope_scaling(scaling: dict | None) -> None:
+    """One-line ValueError unless `scaling` is None or a rope_scaling dict we implement."""
+    if scaling is None:
+        return
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(
+            f"rope_scaling type {kind!r} is not supported: use one of {', '.join(ROPE_TYPES)} "
+            "or rope_scaling=None"
+        )
+    need = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in need if k not in scaling] if kind == "llama3" else []
+    if missing:
+        raise ValueError(f"rope_scaling of type 'llama3' lacks {', '.join(missing)}: add them")
+
+
+def rope_inv_freq(head_dim: int, theta: float = 10000.0, scaling: dict | None = None):
+    """The (H/2,) float32 rotation frequencies theta**(-2i/H), computed as transformers does
+    (float32); `scaling` = Llama-3's rope_scaling dict stretches the low frequencies
+    (transformers' `_compute_llama3_parameters`)."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponents)).astype(np.float32)
+    if scaling is None or scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+        return inv_freq
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    # long wavelengths (low frequencies) are divided by factor, short ones kept, the band
+    # between them interpolated smoothly
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x, positions, theta: float = 10000.0, scaling: dict | None = None) -> jax.Array:
+    """Rotary position embedding (rotate-half form) of x (B, T, N, H) at positions (T,) or (B, T).
+
+    Pairs (x[i], x[i + H/2]) are rotated by the angle pos * inv_freq[i], so the dot product of
+    a rotated query and key depends only on their relative position. Computed in float32.
+    """
+    inv_freq = jnp.asarray(rope_inv_freq(x.shape[-1], theta, scaling))  # (H/2,)
+    inv_freq = inv_freq.reshape((1,) * positions.ndim + (-1,))  # (1.., H/2)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (T, H/2) or (B, T, H/2)
+    angles = angles[None, :, None, :] if positions.ndim == 1 else angles[:, :, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)  # (1 or B, T, 1, H/2)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # (B, T, N, H/2) each
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # (B, T, N, H)
+    return out.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------- attention
+class Attention(nnx.Module):
+    """Causal self-attention with K kv heads shared by G = N // K query heads each (MHA: K = N,
+    MQA: K = 1), RoPE on queries and keys unless `rope=False` (learned positions).
+
+    q, k and v come from one matmul with `wqkv` (D, K, G + 2, H): along axis 2, the G query
+    heads of kv group k (query head n = k * G + g, Hugging Face's `repeat_kv` order), then key
+    head k, then value head k. Under tensor parallelism the kv groups split over "heads", so
+    each device holds whole groups and attention needs no communication.
+    """
+
+    def __init__(self, embed_dim, num_heads, num_kv_heads, head_dim, *, rope=True,
+                 rope_theta=10000.0, rope_scaling=None, qkv_bias=False, out_bias=False,
+                 out_std, policy, rngs):  # fmt: skip
+        D, N, K, H = embed_dim, num_heads, num_kv_heads, head_dim
+        G = N // K
+        self.policy, self.num_heads, self.num_kv_heads = policy, N, K
+        self.rope, self.rope_theta = rope, rope_theta
+        # a tuple, not a dict: static module data must be hashable
+        self.rope_scaling = None if rope_scaling is None else tuple(sorted(rope_scaling.items()))
+        dtype = policy.param_dtype
+        self.wqkv = param(rngs, (D, K, G + 2, H), ("embed", "heads", None, "kv"), 0.02, dtype)
+        self.wo = param(rngs, (N, H, D), ("heads", "kv", "embed"), out_std, dtype)
+        if qkv_bias:
+            self.bqkv = param(rngs, (K, G + 2, H), ("heads", None, "kv"), 0.0, dtype)
+        if out_bias:
+            self.bo = param(rngs, (D,), ("embed",), 0.0, dtype)
+
+    def __call__(self, x, positions, mask=None, cache=None, index=None):
+        """x (B, T, D) at positions (T,) or (B, T) -> ((B, T, D), cache).
+
+        `mask` (B, 1, T, S) bool says which keys each query sees; None means plain causal.
+        With a `cache` {"k", "v"} (B, L, K, H), the new keys/values are written at slot `index`
+        and the queries attend over all L slots (the caller's mask keeps them causal).
+        """
+        dtype = self.policy.compute_dtype
+        B, T, _ = x.shape
+        G = self.num_heads // self.num_kv_heads
+        qkv = jnp.einsum("btd,dkgh->btkgh", x, self.wqkv[...].astype(dtype))  # (B,T,K,G+2,H)
+        if hasattr(self, "bqkv"):
+            qkv = qkv + self.bqkv[...].astype(dtype)[None, None]
+        # a split (whose gradient is one concatenation), not slices (padded copies each)
+        q, k, v = jnp.split(qkv, [G, G + 1], axis=3)
+        q = q.reshape(B, T, self.num_heads, -1)  # (B, T, N, H): head n = k * G + g
+        k, v = k[:, :, :, 0], v[:, :, :, 0]  # (B, T, K, H) each
+        if self.rope:
+            scaling = None if self.rope_scaling is None else dict(self.rope_scaling)
+            q = apply_rope(q, positions, self.rope_theta, scaling)
+            k = apply_rope(k, positions, self.rope_theta, scaling)
+        if cache is not None:
+            start = (0, index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            cache = {"k": k, "v": v}  # (B, L, K, H) each
+        # attention accumulates in float32; float16 operands are upcast where the backend lacks
+        # that dot (the CPU), and the output comes back in the compute dtype. With K < N, the
+        # XLA implementation groups query heads n = k * G + g onto kv head k, our layout.
+        op = accumulating_dtype(dtype)
+        q, k, v = q.astype(op), k.astype(op), v.astype(op)
+        y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
+        y = jnp.einsum("btnh,nhd->btd", y.astype(dtype), self.wo[...].astype(dtype))  # (B,T,D)
+        if hasattr(self, "bo"):
+            y = y + self.bo[...].astype(dtype)[None, None]
+        return y, cache
+
+
+# ----------------------------------------------------------------------------------------- MLP
+class FeedForward(nnx.Module):
+    """The MLP of a block. `gated=True` (Llama): act(x W_gate) * (x W_up) then W_down, with
+    W_gate and W_up one (D, 2, F) param `w_gate_up`. `gated=False` (GPT-2): act(x W_up + b_up)
+    W_down + b_down, biases only with `bias=True`."""
+
+    def __init__(self, embed_dim, mlp_dim, *, gated=True, bias=False, activation, out_std,
+                 policy, rngs):  # fmt: skip
+        D, F, dtype = embed_dim, mlp_dim, policy.param_dtype
+        self.policy, self.gated = policy, gated
+        self.act = TRANSFORMER_ACTIVATIONS[activation]
+        if gated:
+            self.w_gate_up = param(rngs, (D, 2, F), ("embed", None, "mlp"), 0.02, dtype)
+        else:
+            self.w_up = param(rngs, (D, F), ("embed", "mlp"), 0.02, dtype)
+        self.w_down = param(rngs, (F, D), ("mlp", "embed"), out_std, dtype)
+        if bias:
+            self.b_up = param(rngs, (F,), ("mlp",), 0.0, dtype)
+            self.b_down = param(rngs, (D,), ("embed",), 0.0, dtype)
+
+    def __call__(self, x):
+        dtype = self.policy.compute_dtype
+        if self.gated:
+            gate_up = jnp.einsum("btd,dcf->btcf", x, self.w_gate_up[...].astype(dtype))
+            gate, up = (t[:, :, 0] for t in jnp.split(gate_up, 2, axis=2))  # (B, T, F) each
+            hidden = self.act(gate) * up  # (B, T, F)
+        else:
+            hidden = jnp.einsum("btd,df->btf", x, self.w_up[...].astype(dtype))  # (B, T, F)
+            if hasattr(self, "b_up"):
+                hidden = hidden + self.b_up[...].astype(dtype)[None, None]
+            hidden = self.act(hidden)
+        out = jnp.einsum("btf,fd->btd", hidden, self.w_down[...].astype(dtype))  # (B, T, D)
+        if hasattr(self, "b_down"):
+            out = out + self.b_down[...].astype(dtype)[None, None]
+        return out
