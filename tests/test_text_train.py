@@ -192,3 +192,39 @@ def test_data_prepare_on_a_glob_that_matches_nothing_is_one_line(tmp_path, capsy
     err = _errors(capsys)
     assert code == 2 and len(err) == 1 and "no file matches" in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_stream_read_by_two_processes_resumes_exactly(tmp_path):
+    """Each process streams its own files; both positions go into the checkpoint and come back."""
+    rng = random.Random(0)  # short documents of mixed lengths: the processes end up at
+    for part in range(4):  # different documents and offsets of their own files
+        lines = [
+            json.dumps({"text": f"doc {part}-{i}: " + "x = 1\n" * rng.randrange(2, 40)}) + "\n"
+            for i in range(60)
+        ]
+        (tmp_path / f"part{part}.jsonl").write_text("".join(lines))
+    args = [
+        *TINY,
+        f"data.path={tmp_path}/part*.jsonl",
+        "data.eval_fraction=0",
+        "optimizer.schedule=constant",  # the same curve whatever train.steps says
+        "checkpoint.every=4",
+        "mesh.data=8",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    launch = [sys.executable, "-m", "jaxnv.cli", "launch", "-n", "2", "--cpu-devices", "4", "--"]
+
+    def run(workdir, steps):
+        cmd = [*launch, "train", "code_lm", "--workdir", workdir, *args, f"train.steps={steps}"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:]
+        return proc.stdout
+
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    run(straight, 12)
+    run(split, 8)
+    assert "resuming from step 8" in run(split, 12)
+    expected, got = _train_rows(straight), _train_rows(split)
+    assert [r["step"] for r in got] == list(range(1, 13))
+    assert [r["loss"] for r in got] == [r["loss"] for r in expected]
