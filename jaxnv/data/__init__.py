@@ -1,7 +1,7 @@
 """Data: in-memory and file sources, the demo data sets, and step-indexed batching on grain.
 
-Text corpora (docs/data.md) load on first use: `files_dataset` (`data.name=files`), `prepare`
-(`jaxnv data prepare`), `load_tokenizer`.
+Text corpora (docs/data.md) load on first use: `files_dataset` (`data.name=files`),
+`load_tokenizer`; `jaxnv.data.prepare.prepare` is `jaxnv data prepare`.
 """
 
 from jaxnv.data.builtin import (
@@ -44,7 +44,6 @@ __all__ = [
 _LAZY = {  # modules that import pyarrow, tokenizers and array_record: loaded when first asked for
     "files_dataset": "jaxnv.data.text",
     "eval_rows": "jaxnv.data.text",
-    "prepare": "jaxnv.data.prepare",
     "load_tokenizer": "jaxnv.data.tokenizers",
     "load_saved": "jaxnv.data.tokenizers",
     "Tokenizer": "jaxnv.data.tokenizers",

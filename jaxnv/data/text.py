@@ -128,10 +128,23 @@ def _streamed(cfg, paths, fmt, batch_size, seed, shard) -> Dataset:
     )  # fmt: skip
     eval_arrays = None
     if eval_paths:
-        texts = [t for t in read_documents(eval_paths, fmt, cfg.field) if t]
-        docs = [np.asarray(ids, np.int64) for ids in tokenizer.encode_batch(texts)]
+        docs = _held_out(read_documents(eval_paths, fmt, cfg.field), tokenizer, cfg)
         eval_arrays = eval_rows(docs, tokenizer.eos_id, cfg.seq_len, cfg.packing, cfg.num_eval)
     return _dataset(train, eval_arrays, cfg, tokenizer, files=len(train_paths))
+
+
+def _held_out(texts, tokenizer: Tokenizer, cfg) -> list[np.ndarray]:
+    """The held-out documents' ids, read only as far as `num_eval` rows need (all when 0)."""
+    want = cfg.num_eval * (cfg.seq_len + 1) if cfg.num_eval else None
+    docs, total = [], 0
+    for text in texts:
+        if not text:
+            continue
+        docs.append(np.asarray(tokenizer.encode(text), np.int64))
+        total += len(docs[-1]) + 1
+        if want is not None and total >= want:
+            break
+    return docs
 
 
 def eval_rows(docs, eos_id: int, seq_len: int, packing: bool, limit: int = 0) -> dict | None:
