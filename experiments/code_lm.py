@@ -5,11 +5,14 @@ Run:     jaxnv train code_lm --workdir runs/code_lm
 The first run tokenizes every `.py` file under `sysconfig.get_paths()["stdlib"]` (site-packages
 left out) once, with a byte-level BPE of 4096 ids trained on them, into ~/.cache/jaxnv/data
 (`jaxnv data prepare`); later runs reuse it. Whole modules are held out (1 %) for evaluation.
-Time:    RESULT_TIME
-Result:  RESULT_LINE
+Time:    about 9 min on the reference 2-core CPU (400 steps of 16 x 256 tokens at ~0.9 steps/s;
+         preparing the corpus takes ~30 s once). With four other jobs on the machine it took 26 min.
+Result:  held-out loss 3.64 nats per token, 1.62 bits per byte of source (accuracy 0.34), on a
+         corpus of 9.4 M tokens (31.5 MB, 1,758 modules) after 400 steps (1.6 M tokens seen).
 
 The summary reports the held-out loss in bits per byte of source (the per-token loss over the
-held-out windows, times their tokens per UTF-8 byte, over ln 2) and a greedy sample.
+held-out windows, times their tokens per UTF-8 byte, over ln 2) and a sample (temperature 0.7,
+top-k 40).
 """
 
 from __future__ import annotations
@@ -94,6 +97,8 @@ def bits_per_byte(loss_nats: float, eval_arrays: dict, tokenizer) -> float:
 
 
 def summarize(result) -> dict:
+    import jax
+
     from jaxnv.models import generate
 
     tokenizer = result.data.info["tokenizer"]
@@ -108,7 +113,9 @@ def summarize(result) -> dict:
         result.state.params,
         prompt,
         min(80, model.max_seq_len - prompt.shape[1]),  # the model sees max_seq_len tokens
-        temperature=0.0,
+        rng=jax.random.key(0),
+        temperature=0.7,
+        top_k=40,
         model_state=result.state.model_state,
     )
     out["sample"] = PROMPT + tokenizer.decode(np.asarray(tokens)[0, prompt.shape[1] :].tolist())
