@@ -175,6 +175,7 @@ def test_the_tokenizer_is_kept_with_the_run_and_another_is_refused(corpus, tmp_p
         ("model.vocab_size=100", "smaller than the tokenizer's vocabulary (257 ids)"),
         ("model.max_seq_len=16", "exceeds model.max_seq_len=16"),
         ("data.path=/nonexistent/*.jsonl", "no file matches"),
+        ("data.tokenizer=bpe:300", "is not the tokenizer"),  # the corpus was prepared with bytes
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(corpus, tmp_path, capsys, override, message):
