@@ -8,6 +8,8 @@
     jaxnv bench [NAME [--quick] [--repeats R] [--record] ...]
     jaxnv data prepare --input GLOB --out DIR [--tokenizer bytes|PATH|bpe:N] [--workers N]
     jaxnv generate (WORKDIR | HF_DIR) --prompt TEXT [--max-tokens N] [--temperature T] ...
+    jaxnv export-hf WORKDIR --out DIR      # a Hugging Face directory transformers loads
+    jaxnv serve (WORKDIR | HF_DIR) [--host 127.0.0.1] [--port N] [--slots K] [--max-len L] ...
     jaxnv info
 
 `eval`, `export` and a resume (`train` on a workdir with checkpoints) start from the workdir's
@@ -30,6 +32,7 @@ import os
 import sys
 import time
 
+from jaxnv.cli_text import add_text_commands
 from jaxnv.errors import report_error
 
 _STARTED = time.perf_counter()  # the command's start, for its wall time in the summary
@@ -218,29 +221,6 @@ def _shape(spec: dict) -> str:
     return f"({dims}) {spec['dtype']}"
 
 
-def cmd_generate(args) -> int:
-    import jax
-
-    from jaxnv.serve.loading import load_lm
-
-    step = int(args.step) if args.step and args.step.isdigit() else args.step
-    lm = load_lm(args.path, step=step, experiment=args.experiment)
-    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
-    if args.temperature > 0:
-        sampling["rng"] = jax.random.key(args.seed)
-    texts = lm.complete(args.prompt, args.max_tokens, stop=tuple(args.stop), **sampling)
-    for prompt, text in zip(args.prompt, texts, strict=True):
-        print(prompt + text, flush=True)
-    return 0
-
-
-def cmd_data(args) -> int:
-    from jaxnv.data.prepare import main as prepare_main
-
-    prepare_main(args.data_args)  # prints its one-line summary
-    return 0
-
-
 def cmd_predict(args) -> int:
     import numpy as np
 
@@ -394,36 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the script's options, e.g. --quick, --repeats R, --record (append to RESULTS.md)",
     )
     p.set_defaults(func=cmd_bench)
-    p = sub.add_parser(
-        "data",
-        help="tokenize a corpus once: jaxnv data prepare --input GLOB --out DIR [--tokenizer ...]",
-    )
-    p.add_argument("action", choices=("prepare",))
-    p.add_argument(
-        "data_args",
-        nargs=argparse.REMAINDER,
-        metavar="...",
-        help="--input GLOB --out DIR [--tokenizer bytes|PATH|bpe:N] [--format F] [--field F] "
-        "[--workers N] (jaxnv data prepare --help)",
-    )
-    p.set_defaults(func=cmd_data)
-    p = sub.add_parser(
-        "generate", help="continue a text prompt with a trained workdir or a Hugging Face model"
-    )
-    p.add_argument("path", help="a workdir (trained on text files) or a Hugging Face model dir")
-    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--step", help="of a workdir: latest (default), best or a step")
-    p.add_argument("--experiment", help="the experiment whose make_model built the workdir's model")
-    p.set_defaults(func=cmd_generate)
+    add_text_commands(sub)  # data, generate, export-hf, serve: jaxnv/cli_text.py
     p = sub.add_parser("info", help="backend, devices, the auto precision and versions")
     p.set_defaults(func=cmd_info)
-    for name in ("train", "eval", "export", "predict", "generate", "info"):  # after it too
+    for name in ("train", "eval", "export", "predict", "generate", "serve", "info"):  # after it too
         sub.choices[name].add_argument(
             "--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
         )
@@ -450,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         from jaxnv.parallel import distributed
 
         joined = distributed.initialize()  # a multi-process run, when the environment says so
-    if args.command in ("train", "eval", "export"):
+    if args.command in ("train", "eval", "export", "serve"):
         from jaxnv.train.compilation import enable_compilation_cache
 
         enable_compilation_cache()  # $JAXNV_COMPILATION_CACHE, else ~/.cache/jaxnv/xla; "off"

@@ -20,6 +20,7 @@ LAYERS = [
     "serve",
     "info",
     "errors",
+    "cli_text",  # the language-model subcommands, added to the parser by cli.py
     "cli",
 ]
 RANK = {name: i for i, name in enumerate(LAYERS)}
