@@ -27,6 +27,7 @@ from jaxnv.core.precision import Policy
 from jaxnv.data.builtin import make_dataset
 from jaxnv.data.sources import Dataset
 from jaxnv.models import build_model
+from jaxnv.parallel.pipeline import attach_pipeline  # mesh.stage > 1: split the blocks
 
 
 def default_make_model(cfg: Config, data: Dataset, policy: Policy, rngs: nnx.Rngs) -> nnx.Module:
@@ -35,7 +36,8 @@ def default_make_model(cfg: Config, data: Dataset, policy: Policy, rngs: nnx.Rng
     if getattr(cfg.model, "init_from", ""):
         from jaxnv.checkpoint.pretrained import pretrained_model
 
-        return pretrained_model(cfg.model, cfg.model.max_seq_len or data.in_features, policy, rngs)
+        model = pretrained_model(cfg.model, cfg.model.max_seq_len or data.in_features, policy, rngs)
+        return attach_pipeline(model, cfg)
     tokenizer = data.info.get("tokenizer")
     vocab = getattr(cfg.model, "vocab_size", 0)
     if tokenizer is not None and vocab and vocab < tokenizer.vocab_size:
@@ -43,7 +45,8 @@ def default_make_model(cfg: Config, data: Dataset, policy: Policy, rngs: nnx.Rng
             f"model.vocab_size={vocab} is smaller than the tokenizer's vocabulary "
             f"({tokenizer.vocab_size} ids): leave model.vocab_size=0 (from the data) or raise it"
         )
-    return build_model(cfg.model, data.in_features, data.out_features, policy, rngs)
+    model = build_model(cfg.model, data.in_features, data.out_features, policy, rngs)
+    return attach_pipeline(model, cfg)
 
 
 def default_make_data(cfg: Config) -> Dataset:

@@ -43,13 +43,19 @@ def _sample(logits, rng, temperature: float, top_k: int | None = None, top_p: fl
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # (B, 1)
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p is not None and top_p < 1.0:
-        ranked = -jnp.sort(-logits, axis=-1)  # (B, V), most likely first
-        probs = jax.nn.softmax(ranked, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # the mass of the more likely tokens
-        # keep a token while the more likely ones hold less than top_p: the first always stays
-        cutoff = jnp.min(jnp.where(before < top_p, ranked, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+        logits = top_p_filter(logits, top_p)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def top_p_filter(logits, top_p):
+    """Logits (B, V) with -inf outside the smallest set of most likely tokens whose probability
+    reaches `top_p` (a float, or (B, 1) per row); shared with the serving engine."""
+    ranked = -jnp.sort(-logits, axis=-1)  # (B, V), most likely first
+    probs = jax.nn.softmax(ranked, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # the mass of the more likely tokens
+    # keep a token while the more likely ones hold less than top_p: the first always stays
+    cutoff = jnp.min(jnp.where(before < top_p, ranked, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < cutoff, -jnp.inf, logits)
 
 
 @functools.lru_cache(maxsize=64)

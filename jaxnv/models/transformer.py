@@ -163,6 +163,43 @@ def _run_blocks_remat(blocks, x, positions, mask, rng, remat: str):
     return jax.lax.scan(body, x, (layers, stacked))[0]
 
 
+def _stages_in_context(axis: str = "stage") -> int:
+    """The size of the mesh-in-context's pipeline axis (1 without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else dict(mesh.shape).get(axis, 1)
+
+
+def _run_blocks_pipelined(pipeline, blocks, x, positions, mask, rng, remat: str):
+    """All blocks over x (B, T, D) through `pipeline` (a `jaxnv.parallel.Pipeline`): the blocks'
+    params stacked at run time as in `_run_blocks_remat`, split over the mesh's stage axis.
+
+    Each microbatch gets the per-layer dropout key of the unpipelined run folded with its index
+    (its rows are a strided slice of the batch, so its masks differ from the unpipelined ones;
+    without dropout the result is the same up to float rounding).
+    """
+    graphdef = nnx.graphdef(blocks[0])
+    states = [nnx.state(block) for block in blocks]
+    stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *states)  # leading (L,) axis
+    batched = {"mask": mask, "positions": positions if positions.ndim == 2 else None}
+    shared = {"rng": rng, "positions": positions if positions.ndim == 1 else None}
+
+    def run(state, x, positions, mask, rng):
+        return nnx.merge(graphdef, state)(x, positions, mask, rng)[0]
+
+    if remat != "none":
+        run = jax.checkpoint(run, policy=REMAT_POLICIES[remat], prevent_cse=False)
+
+    def layer_fn(state, x, batched, shared, layer, microbatch):
+        rng = shared["rng"]
+        if rng is not None:
+            rng = jax.random.fold_in(jax.random.fold_in(rng, layer + 1), microbatch)
+        positions = shared["positions"]
+        positions = batched["positions"] if positions is None else positions
+        return batch_sharded(run(state, x, positions, batched["mask"], rng))
+
+    return pipeline(layer_fn, stacked, x, batched, shared)
+
+
 def _int_array(x, shape, what: str) -> jax.Array:
     """x as an int32 array of `shape`; a one-line TypeError otherwise."""
     x = jnp.asarray(x)
@@ -215,6 +252,7 @@ class Transformer(nnx.Module):
         mlp_bias: bool = False,
         vocab_multiple: int = 128,
         policy: Policy | str | None = None,
+        pipeline=None,
         rngs: nnx.Rngs,
     ):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -229,6 +267,9 @@ class Transformer(nnx.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = embed_dim // num_heads if head_dim is None else head_dim
         self.tie_embeddings, self.remat, self.dropout = tie_embeddings, remat, dropout
+        # how the blocks run under a mesh with a pipeline `stage` axis: a hashable callable
+        # (jaxnv.parallel.Pipeline; models may not import parallel, so it is handed in)
+        self.pipeline = pipeline
         self.activation, self.position, self.rope_theta = activation, position, rope_theta
         # a tuple, not a dict: static module data must be hashable (init_kwargs gives a dict)
         self.rope_scaling = None if rope_scaling is None else tuple(sorted(rope_scaling.items()))
@@ -320,6 +361,16 @@ class Transformer(nnx.Module):
             mask = ((seg[:, :, None] == seg[:, None, :]) & causal[None])[:, None]  # (B, 1, T, T)
         x = self._embed(tokens, positions)  # (B, T, D)
         x = dropout(x, self.dropout, None if rng is None else jax.random.fold_in(rng, 0))
+        stages = _stages_in_context(getattr(self.pipeline, "axis", "stage"))
+        if stages > 1:
+            if self.pipeline is None:
+                raise ValueError(
+                    f"the mesh has stage={stages} but this Transformer has no pipeline: build it "
+                    f"with pipeline=jaxnv.parallel.Pipeline({stages}) (the config route does)"
+                )
+            x = _run_blocks_pipelined(self.pipeline, self.blocks, x, positions, mask, rng,
+                                      self.remat)  # fmt: skip
+            return self._logits(x)
         if self.remat != "none":
             x = _run_blocks_remat(self.blocks, x, positions, mask, rng, self.remat)
             return self._logits(x)

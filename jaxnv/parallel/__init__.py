@@ -1,11 +1,13 @@
-"""Parallelism: the named mesh and logical-axis rules (`mesh`), explicit-collective steps
-(`shardmap`), multi-process start-up (`distributed`) and the sharding/memory report (`report`)."""
+"""Parallelism: the named mesh and logical-axis rules (`mesh`), pipeline stages (`pipeline`),
+explicit-collective steps (`shardmap`), multi-process start-up (`distributed`) and the
+sharding/memory report (`report`)."""
 
 from jaxnv.parallel.mesh import (
     BATCH_AXES,
     LOGICAL_NAMES,
     MESH_AXES,
     RULES,
+    STAGE_AXIS,
     MeshConfig,
     Plan,
     batch_divisor,
@@ -18,16 +20,23 @@ from jaxnv.parallel.mesh import (
     path_names,
     put_batch,
     spec_for,
+    stage_count,
 )
+from jaxnv.parallel.pipeline import Pipeline, attach_pipeline, bubble_fraction, check_pipeline
 
 __all__ = [
     "BATCH_AXES",
     "LOGICAL_NAMES",
     "MESH_AXES",
     "RULES",
+    "STAGE_AXIS",
     "MeshConfig",
+    "Pipeline",
     "Plan",
+    "attach_pipeline",
     "batch_divisor",
+    "bubble_fraction",
+    "check_pipeline",
     "format_table",
     "get_rules",
     "logical_axes",
@@ -37,4 +46,5 @@ __all__ = [
     "path_names",
     "put_batch",
     "spec_for",
+    "stage_count",
 ]

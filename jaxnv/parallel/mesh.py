@@ -1,6 +1,7 @@
 """Named device meshes and sharding plans from logical axis names.
 
     mesh = make_mesh(MeshConfig(data=2, fsdp=4))           # axes (data, fsdp, tensor)
+    mesh = make_mesh(MeshConfig(stage=2, data=2, tensor=2))  # axes (stage, data, fsdp, tensor)
     plan = make_plan(abstract_model, abstract_state, mesh, "fsdp")
     graphdef, state = init_state(..., out_shardings=plan.state)
 
@@ -23,6 +24,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
+STAGE_AXIS = "stage"  # pipeline stages (jaxnv.parallel.pipeline); in the mesh only when > 1
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both: FSDP is data parallel too
 LOGICAL_NAMES = ("embed", "mlp", "heads", "kv", "vocab", "conv_in", "conv_out")
 
@@ -55,10 +57,26 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     rules: str = "dp"  # dp | fsdp | tp | fsdp+tp
+    stage: int = 1  # pipeline stages (> 1: the transformer's blocks split over a `stage` axis)
+    stage_repeats: int = 1  # > 1: the circular schedule, each stage holding this many chunks
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
-    """The (data, fsdp, tensor) sizes for `num_devices`, resolving one -1; one-line errors."""
+    """The (data, fsdp, tensor) sizes for `num_devices`, resolving one -1; one-line errors.
+
+    With `cfg.stage` > 1 they cover the devices of one stage (`num_devices // stage`)."""
+    stage = getattr(cfg, "stage", 1)
+    if not isinstance(stage, int) or stage < 1:
+        raise ValueError(f"mesh.stage={stage!r} must be an integer >= 1 (1: no pipeline)")
+    repeats = getattr(cfg, "stage_repeats", 1)
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"mesh.stage_repeats={repeats!r} must be an integer >= 1 (1: GPipe)")
+    if num_devices % stage:
+        raise ValueError(
+            f"mesh.stage={stage} does not divide the {num_devices} devices: choose a stage "
+            f"count that divides {num_devices}"
+        )
+    num_devices //= stage
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
     if sizes.count(-1) > 1:
         raise ValueError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1 (the rest)")
@@ -83,10 +101,22 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all), in an order that puts the
-    inner axes (tensor, then fsdp) on the closest devices."""
+    inner axes (tensor, then fsdp) on the closest devices. With `cfg.stage` > 1 a `stage` axis
+    comes first (outermost): stages exchange one activation per microbatch, the least traffic."""
     devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(cfg, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, (AxisType.Auto,) * 3, devices=devices)
+    axes = MESH_AXES
+    stage = getattr(cfg, "stage", 1)
+    if stage > 1:
+        shape, axes = (stage, *shape), (STAGE_AXIS, *MESH_AXES)
+    return jax.make_mesh(shape, axes, (AxisType.Auto,) * len(axes), devices=devices)
+
+
+def stage_count(mesh) -> int:
+    """Pipeline stages of `mesh` (a Mesh or AbstractMesh; 1 when it has no `stage` axis)."""
+    if mesh is None or getattr(mesh, "empty", False):
+        return 1
+    return dict(mesh.shape).get(STAGE_AXIS, 1)
 
 
 def get_rules(rules: str | dict[str, str | None]) -> dict[str, str | None]:

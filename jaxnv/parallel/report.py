@@ -32,7 +32,8 @@ import re
 import jax
 import numpy as np
 
-from jaxnv.parallel.mesh import format_table
+from jaxnv.parallel.mesh import format_table, stage_count
+from jaxnv.parallel.pipeline import bubble_fraction, stage_bytes
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {
@@ -283,6 +284,41 @@ def _size(n: float) -> str:
     return f"{int(n)} B"
 
 
+def pipeline_lines(run) -> list[str]:
+    """Per-stage memory, the theoretical bubble and the bytes sent between stages per step (no
+    lines without a `stage` axis). The blocks are stored per layer (`blocks/i/...`, replicated
+    over `stage`), so every device holds all layers; a stage computes with 1/S of them."""
+    plan, cfg = run.plan, run.cfg
+    S = stage_count(plan.mesh)
+    if S <= 1:
+        return []
+    R, M = cfg.mesh.stage_repeats, cfg.train.pipeline_microbatches or S
+    leaves = jax.tree.leaves(run.state.params)  # in the order of plan.table
+    params = dict(zip((row[0] for row in plan.table), leaves, strict=True))
+    blocks = per_device_bytes([x for p, x in params.items() if p.startswith("blocks/")])
+    rest = per_device_bytes([x for p, x in params.items() if not p.startswith("blocks/")])
+    moments = per_device_bytes(run.state.opt_state) / max(blocks + rest, 1)  # bytes per param byte
+    spec = jax.tree.leaves(run.train_step.batch_spec)[0]  # (B, T) tokens
+    width = next((x.shape[-1] for p, x in params.items() if p == "embedding"), 0)  # D
+    rows = spec.shape[0] // (plan.mesh.shape["data"] * plan.mesh.shape["fsdp"])
+    act = rows * int(np.prod(spec.shape[1:])) * width * np.dtype(run.policy.compute_dtype).itemsize
+    sent = stage_bytes(act, S, M, R)
+    used = blocks / S + rest
+    schedule = "GPipe" if R == 1 else f"circular x{R}"
+    return [
+        f"pipeline: {S} stages, {schedule}, {M} microbatches: {M * R + S - 1} iterations a "
+        f"step, bubble (S-1)/(M*R+S-1) = {bubble_fraction(S, M, R):.1%} in theory",
+        f"  per stage: computes with params {_size(used)} (1/{S} of the blocks' "
+        f"{_size(blocks)} + {_size(rest)} outside them) + optimizer {_size(used * moments)}; "
+        f"holds {_size(blocks + rest)} + {_size((blocks + rest) * moments)}: the per-layer "
+        f"blocks are replicated over stage ({S - 1}/{S} of them idle on each device)",
+        f"  between stages per step per device: {_mib(sent['forward'])} forward + "
+        f"{_mib(sent['backward'])} backward ppermutes, {_mib(sent['gather'])} to gather the "
+        f"last stage's output (activation {_size(act)} a device); "
+        f"{_mib(2 * (S - 1) / S * blocks)} all-reducing the replicated blocks' gradients",
+    ]
+
+
 def format_report(run, compiled=None) -> str:
     """Mesh, rules, per-device param/optimizer bytes and (given the compiled step) collectives."""
     plan, state = run.plan, run.state
@@ -294,6 +330,7 @@ def format_report(run, compiled=None) -> str:
         f"mesh {dict(plan.mesh.shape)}, rules {plan.rules or 'dp (replicated params)'}",
         f"per device: params {_size(params)} of {_size(full)}, "
         f"optimizer state {_size(per_device_bytes(state.opt_state))}",
+        *pipeline_lines(run),
     ]
     if compiled is not None:
         ops = collectives(compiled.as_text(), plan.mesh.size)

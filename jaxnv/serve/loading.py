@@ -29,6 +29,12 @@ class LanguageModel:
     source: str  # what it was loaded from (workdir and step, or the Hugging Face directory)
     max_seq_len: int
 
+    @property
+    def name(self) -> str:
+        """A short name: the directory's base name (what `jaxnv serve` calls the model)."""
+        path = self.source.split(" (step ")[0].rstrip("/\\")
+        return os.path.basename(path) or "jaxnv"
+
     def complete(self, prompts: list[str], max_new_tokens: int, *, stop: tuple[str, ...] = (),
                  **sampling) -> list[str]:  # fmt: skip
         """The continuation of each text prompt (up to the first stop id or `stop` string)."""
@@ -80,10 +86,17 @@ def load_lm(path: str, *, step: int | str | None = None, experiment: str | None 
 def _from_hf(path: str) -> LanguageModel:
     from flax import nnx
 
-    from jaxnv.hf import load, load_tokenizer
+    from jaxnv.data.tokenizers import HFTokenizer
+    from jaxnv.hf import load
 
-    model = load(path)
-    tokenizer = load_tokenizer(path, vocab_size=model.vocab_size)
+    model = load(path)  # refuses a tokenizer larger than the model's vocabulary
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(
+            f"{path} has no tokenizer.json, so its ids have no text: save the model with its "
+            "tokenizer (jaxnv.hf.save(model, dir, tokenizer=...))"
+        )
+    tokenizer = HFTokenizer.from_file(file)  # with the eos token its config names
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return LanguageModel(graphdef, params, rest, tokenizer, path, model.max_seq_len)
 
