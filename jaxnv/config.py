@@ -241,6 +241,8 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end
     eval_batch_size: int = 256
     micro_batches: int = 1  # gradient accumulation inside one step
+    pipeline_microbatches: int = 0  # with mesh.stage > 1: microbatches a step (0: the stages)
+    steps_per_call: int = 1  # optimizer steps inside one compiled call (small models: fewer calls)
     max_device_batch: int = 0  # >0: more micro-batches when a device's share would exceed this
     loss: str = "mse"  # mse | bce | softmax_ce | lm (language models: weighted next-token CE)
     on_nonfinite: str = "skip"  # skip | stop | rollback (see jaxnv/train/nonfinite.py)
@@ -270,6 +272,17 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass
+class LoRAConfig:
+    """Low-rank adapters (docs/finetuning.md): `rank` 0 trains every weight; above 0 only the
+    adapters on the `targets` projections train, and the base stays frozen."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    targets: tuple[str, ...] = ("wqkv", "wo")  # projection names: wqkv wo w_gate_up w_up w_down
+    dropout: float = 0.0  # on the adapters' input
+
+
+@dataclasses.dataclass
 class Config:
     """A whole experiment."""
 
@@ -281,6 +294,7 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
 
 
 class ConfigError(ValueError):
