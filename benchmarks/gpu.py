@@ -1,7 +1,7 @@
 """The GPU benchmark: framework overhead, MFU of a ~1B transformer, and fp32 / bf16 / fp16 steps.
 
-Run on a GPU machine with JAX, flax and optax installed (no network, no other jaxnv dependency:
-only jaxnv's functional core is imported):
+Run on a GPU machine with jaxnv installed (no network; parts 1-3 import only jaxnv's functional
+core, part 4 its training loop):
 
     python benchmarks/gpu.py                 # ~1B params, seq 2048: needs one 80 GB GPU
     python benchmarks/gpu.py --size 12x1024  # smaller
@@ -16,7 +16,9 @@ Three parts, each printed as rows of one table:
 3. precision: the same model's step in fp32, bf16 and fp16 (dynamic loss scaling); target
    bf16 <= 0.5 x fp32. fp32 matmuls use the backend's default precision (TF32 on NVIDIA
    tensor cores).
+4. the loop with `train.steps_per_call` = 8 and 32 over 1 (benchmarks/overhead.py's 10-5-1 MLP).
 A configuration that does not fit in memory is reported as "OOM" rather than stopping the run.
+`--xla-overlap` sets the XLA GPU flags for overlapping collectives with compute (OVERLAP_FLAGS).
 """
 
 from __future__ import annotations
@@ -25,6 +27,28 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
+
+# The XLA GPU flags that MaxText's and Levanter's GPU recipes set so that collectives overlap
+# with compute: the latency-hiding scheduler, pipelined (loop-carried) all-gather,
+# reduce-scatter and all-reduce, double-buffered while loops (the scanned layers), large combine
+# thresholds (fewer, bigger collectives), no combining by dimension, and cuBLAS rather than
+# Triton GEMMs. They matter on many GPUs (fsdp, tp); on one they should change nothing, which
+# `--xla-overlap` checks. All of them parse in jax 0.10.2 (checked on the CPU build).
+OVERLAP_FLAGS = (
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "--xla_gpu_enable_pipelined_all_gather=true",
+    "--xla_gpu_enable_pipelined_reduce_scatter=true",
+    "--xla_gpu_enable_pipelined_all_reduce=true",
+    "--xla_gpu_enable_while_loop_double_buffering=true",
+    "--xla_gpu_all_reduce_combine_threshold_bytes=134217728",
+    "--xla_gpu_all_gather_combine_threshold_bytes=134217728",
+    "--xla_gpu_reduce_scatter_combine_threshold_bytes=134217728",
+    "--xla_gpu_enable_all_gather_combine_by_dim=false",
+    "--xla_gpu_enable_reduce_scatter_combine_by_dim=false",
+    "--xla_gpu_enable_triton_gemm=false",
+)
+if "--xla-overlap" in sys.argv:  # XLA reads its flags once, when JAX starts
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *OVERLAP_FLAGS]).strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -160,6 +184,7 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     p.add_argument("--policies", default="bf16,fp16,fp32")
+    p.add_argument("--xla-overlap", action="store_true", help="set OVERLAP_FLAGS (see above)")
     args = p.parse_args()
     layers, width = (int(v) for v in args.size.lower().split("x"))
     seq, batch = args.seq, args.batch
@@ -172,7 +197,27 @@ def main():
         print("fp16 skipped: XLA:CPU has no float16 dot_general", flush=True)
         policies.remove("fp16")
     rows += mfu_rows(layers, width, seq, batch, policies, args.repeats, args.quick, args.remat)
-    report("gpu.py", ("case", "measure", "time", "result", "target / check"), rows, args)
+    rows += steps_per_call_rows(args.repeats, args.quick)
+    notes = "XLA overlap flags on (gpu.py OVERLAP_FLAGS)." if args.xla_overlap else ""
+    report("gpu.py", ("case", "measure", "time", "result", "target / check"), rows, args, notes)
+
+
+def steps_per_call_rows(repeats, quick):
+    """The whole loop on the dispatch-bound 10-5-1 MLP, `train.steps_per_call` 8 and 32 over 1:
+    on a GPU every call also pays a kernel launch, so K steps a call should pay off more."""
+    from overhead import CALLS_CASE, bench_calls
+
+    calls = bench_calls(1 if quick else max(2, repeats // 2), 320 if quick else 4000)
+    return [
+        (
+            f"loop {CALLS_CASE}",
+            f"steps_per_call={k} / 1",
+            f"{calls[k]:,.0f} steps/s",
+            f"{calls[k] / calls[1]:.2f}x",
+            ">= 3 at K=8",
+        )
+        for k in (8, 32)
+    ]
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ Step level: both steps train the same MLP with adamw, fp32, the same device-resi
 jitted with the state donated. jaxnv's contender is what its loop calls: the jitted step behind
 the per-call batch check. Loop level: `jaxnv.train` (batches gathered and copied to the device by
 grain threads, metrics fetched every `log_every` steps) against the same jitted step called in a
-bare Python loop on one resident batch. Contenders run interleaved in one process; medians of
-`repeats`; ratios last. Appends a row per case to benchmarks/RESULTS.md with --record. The
-transformer case of the same comparison is in benchmarks/transformer.py (column "/ plain JAX").
+bare Python loop on one resident batch; and the whole loop on the dispatch-bound 10-5-1 MLP with
+`train.steps_per_call` = 1, 8 and 32 (K steps a compiled call). Contenders run interleaved in
+one process; medians of `repeats`; ratios last. Appends a row per case to benchmarks/RESULTS.md
+with --record. The transformer case of the same comparison is in benchmarks/transformer.py
+(column "/ plain JAX").
 """
 
 from __future__ import annotations
@@ -124,6 +126,39 @@ def bench_loop(repeats, steps, features):
     return statistics.median(loop), statistics.median(bare)
 
 
+CALLS_CASE = "mlp 10-5-1, batch 16"  # the mlp_regression experiment: dispatch-bound
+
+
+def bench_calls(repeats, steps, ks=(1, 8, 32)):
+    """Median steps/s of the whole loop with `train.steps_per_call` = each of `ks`, and of the
+    jitted single step in a bare Python loop on one resident batch; rounds interleaved."""
+    overrides = [
+        "logging.progress=false",
+        "logging.mfu=false",
+        "logging.tensorboard=false",
+        f"train.steps={steps}",
+        "train.eval_every=0",
+        "logging.log_every=160",  # a multiple of every K: full-length calls only
+    ]
+    exps = {}
+    for k in ks:
+        exps[k] = load_experiment("mlp_regression")
+        exps[k].config = apply_overrides(exps[k].config, [*overrides, f"train.steps_per_call={k}"])
+    run = build(exps[ks[0]], jax.devices()[:1])
+    batch = jax.device_put(run.batches[0], run.plan.batch)
+    state, samples = run.state, {k: [] for k in (*ks, "bare")}
+    for r in range(repeats + 1):
+        for k, exp in exps.items():
+            result = train(exp, devices=jax.devices()[:1])
+            rows = [h["steps_per_sec"] for h in result.history if h["split"] == "train"][1:]
+            if r:  # the first round compiles
+                samples[k].append(statistics.median(rows))
+        state, dt = time_steps(run.train_step.fn, state, batch, steps)
+        if r:
+            samples["bare"].append(1.0 / dt)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
 def main():
     p = parser(__doc__)
     p.add_argument("--steps", type=int, default=200, help="steps per timed round")
@@ -148,6 +183,24 @@ def main():
                 f"{loop / bare:.3f} (loop/bare)",
             )
         )
+    calls = bench_calls(max(2, args.repeats // 2), 4 * steps if not args.quick else 320)
+    for k in (8, 32):
+        rows.append(
+            (
+                f"loop: {CALLS_CASE}, train.steps_per_call={k} vs 1",
+                f"{calls[1]:.0f} steps/s (K=1)",
+                f"{calls[k]:.0f} steps/s (K={k})",
+                f"{calls[k] / calls[1]:.2f} (target >= 3 at K=8)",
+            )
+        )
+    rows.append(
+        (
+            f"loop: {CALLS_CASE}, train.steps_per_call=8 vs bare step",
+            f"{calls['bare']:.0f} steps/s (bare)",
+            f"{calls[8]:.0f} steps/s (K=8)",
+            f"{calls[8] / calls['bare']:.2f} (loop/bare)",
+        )
+    )
     report("overhead.py", ("case", "reference", "jaxnv", "ratio"), rows, args)
 
 

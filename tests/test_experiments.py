@@ -351,6 +351,7 @@ MODEL_SECTIONS = {
     ),
 }
 MODEL_SECTIONS["code_lm"] = MODEL_SECTIONS["char_gpt"]  # the same transformer section
+MODEL_SECTIONS["finetune_lm"] = MODEL_SECTIONS["char_gpt"]
 
 
 def test_every_experiment_has_its_model_section_written_down():

@@ -9,7 +9,10 @@ restores.
     ckpt.maybe_save(step, state, meta, metrics={"loss": 0.31})  # the eval metrics of that step
     state, meta = ckpt.restore(abstract_state, "best")          # lowest loss still on disk
 
-A checkpoint holds the whole `TrainState` and a JSON `meta` item (config, jaxnv version, step).
+A checkpoint holds the whole `TrainState` and a JSON `meta` item (config, jaxnv version, step);
+for a LoRA run (`state.frozen`) the frozen base is left out: the checkpoint holds the adapters,
+their optimizer state and a fingerprint of the base, and a restore takes the base from the target
+(built from `model.init_from` or the model's seeded init) after checking its fingerprint.
 orbax writes each step into a temporary directory and renames it when complete, so a half-written
 checkpoint is never picked up. Arrays are written uncompressed by default (OCDBT, zarr): zstd saves
 little on trained fp32 weights and moments and slows saves and restores (benchmarks/RESULTS.md,
@@ -29,6 +32,7 @@ and their message never suggests removing anything.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -38,15 +42,51 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxnv.core.precision import all_finite
+from jaxnv.core.state import path_str, with_frozen, without_frozen
 from jaxnv.parallel.mesh import path_names
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked; the message names the fix."""
+
+
+def _frozen_leaves(state) -> list[tuple[str, Any]]:
+    """(path, leaf) of the frozen base in `state.model_state`."""
+    keep = set(getattr(state, "frozen", ()))
+    if not keep:
+        return []
+    leaves = jax.tree_util.tree_leaves_with_path(state.model_state)
+    return [(path_str(p), x) for p, x in leaves if path_str(p) in keep]
+
+
+def base_fingerprint(state) -> str | None:
+    """A hash of the frozen base of a LoRA train state (None without one), the same on any mesh:
+    two wrapping uint32 sums per leaf over its float32 bits (integer sums do not depend on the
+    order a sharded reduction takes), one of them position-weighted, then sha256 with the paths,
+    shapes and dtypes. One pass over the base on its devices; a few bytes reach the host."""
+    if not getattr(state, "frozen", ()):
+        return None
+    leaves = _frozen_leaves(state)
+
+    def sums(xs):
+        out = []
+        for x in xs:
+            u = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32).ravel()
+            i = jnp.arange(u.size, dtype=jnp.uint32)
+            out.append(jnp.stack([jnp.sum(u, dtype=jnp.uint32),
+                                  jnp.sum(u * (2 * i + 1), dtype=jnp.uint32)]))  # fmt: skip
+        return out
+
+    values = jax.device_get(jax.jit(sums)([x for _, x in leaves]))
+    digest = hashlib.sha256()
+    for (path, x), v in zip(leaves, values, strict=True):
+        digest.update(f"{path}:{tuple(x.shape)}:{np.dtype(x.dtype).name}:{v.tolist()};".encode())
+    return digest.hexdigest()[:16]
 
 
 def _flat(tree) -> dict[str, Any]:
@@ -289,6 +329,9 @@ class Checkpointer:
                 "loss scaling)"
             )
         meta = meta() if callable(meta) else meta
+        if getattr(state, "frozen", ()):  # LoRA: the adapters only, and which base they belong to
+            meta = {**meta, "frozen_base": base_fingerprint(state)}
+            state = without_frozen(state)
         self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)),
@@ -331,6 +374,12 @@ class Checkpointer:
         shardings) from `step`: an int, "latest" (or None) or "best"; a structure, shape or dtype
         mismatch is a one-line CheckpointError, and so is a failed read (see `_restore_error`)."""
         step = self._resolve(step)
+        full, target = target, without_frozen(target)
+        if any(isinstance(x, jax.ShapeDtypeStruct) for _, x in _frozen_leaves(full)):
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} holds LoRA adapters without their "
+                "base: restore onto a state whose base weights are arrays (build(exp) gives one)"
+            )
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             target,
@@ -360,7 +409,17 @@ class Checkpointer:
             )
         except Exception as err:  # noqa: BLE001 - orbax raises many types for corrupt data
             raise self._restore_error(step, err, metadata_missing) from err
-        return restored["state"], dict(restored["meta"])
+        meta = dict(restored["meta"])
+        if getattr(full, "frozen", ()):
+            saved, ours = meta.get("frozen_base"), base_fingerprint(full)
+            if saved != ours:
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.directory} holds LoRA adapters trained on "
+                    f"another base (fingerprint {saved}, this run's {ours}): resume with the "
+                    "model.init_from, model and precision.policy it was trained with, or use a "
+                    "new --workdir"
+                )
+        return with_frozen(restored["state"], full), meta
 
     def _restore_error(self, step: int, err: Exception, metadata_missing: bool) -> CheckpointError:
         """A one-line error for a failed restore of `step`: only missing, short or undecodable

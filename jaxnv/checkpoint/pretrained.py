@@ -2,7 +2,8 @@
 
 The model is the jaxnv `Transformer` of DIR's `config.json` (`pretrained_model`); its initial
 params are DIR's safetensors, placed onto the run's own shardings (`pretrained_params`), so
-fine-tuning starts from them under any mesh and precision policy.
+fine-tuning starts from them under any mesh and precision policy. A LoRA run (`lora.rank > 0`)
+takes them as its frozen base instead (`pretrained_base`), in the policy's compute dtype.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import jax
 
 from jaxnv.core.precision import Policy
-from jaxnv.core.state import split_model
+from jaxnv.core.state import path_str, split_model
 
 
 def hf_dir(init_from: str) -> str | None:
@@ -46,6 +47,13 @@ def pretrained_model(cfg, max_seq_len: int, policy: Policy, rngs):
     return Transformer(**kwargs, policy=policy, rngs=rngs)
 
 
+def _mismatch(init_from: str, path: str) -> ValueError:
+    return ValueError(
+        f"model.init_from={init_from}: the run's model differs from {path}'s config.json "
+        "(a custom make_model?): leave the model to the checkpoint's config"
+    )
+
+
 def pretrained_params(init_from: str, params, shardings, *, policy, mesh, rules, max_seq_len):
     """DIR's weights as the run's params: the same tree as `params`, on `shardings`."""
     from jaxnv.checkpoint.hf import load
@@ -54,8 +62,37 @@ def pretrained_params(init_from: str, params, shardings, *, policy, mesh, rules,
     model = load(path, policy=policy, mesh=mesh, rules=rules, max_seq_len=max_seq_len)
     loaded = split_model(model)[1]
     if jax.tree.structure(loaded) != jax.tree.structure(params):
-        raise ValueError(
-            f"model.init_from={init_from}: the run's model differs from {path}'s config.json "
-            "(a custom make_model?): leave the model to the checkpoint's config"
-        )
+        raise _mismatch(init_from, path)
     return jax.device_put(loaded, shardings)
+
+
+def pretrained_base(init_from: str, state, shardings, *, policy, mesh, rules, max_seq_len):
+    """DIR's weights as the frozen base of a LoRA train state: `state.model_state` with each
+    leaf named in `state.frozen` replaced by DIR's tensor, in the policy's compute dtype, on its
+    sharding in `shardings` (a tree like `state.model_state`)."""
+    from jaxnv.checkpoint.hf import load
+
+    path = hf_dir(init_from)
+    dtype = policy.compute_dtype
+    model = load(path, policy=policy, mesh=mesh, rules=rules, max_seq_len=max_seq_len, dtype=dtype)
+    leaves = jax.tree_util.tree_leaves_with_path(nnx_params(model))
+    loaded = {path_str(p): x for p, x in leaves}
+    if set(loaded) != set(state.frozen):
+        raise _mismatch(init_from, path)
+
+    def one(p, x, sharding):
+        new = loaded.get(path_str(p))
+        if new is None:  # not a base weight (e.g. the adapters' dropout stream)
+            return x
+        if tuple(new.shape) != tuple(x.shape):
+            raise _mismatch(init_from, path)
+        return jax.device_put(new, sharding)
+
+    return jax.tree_util.tree_map_with_path(one, state.model_state, shardings)
+
+
+def nnx_params(model):
+    """Every `nnx.Param` of `model` as a pure dict (a loaded model has no adapters)."""
+    from flax import nnx
+
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -22,7 +22,7 @@ from flax import nnx
 
 from jaxnv.core.losses import Weighted
 from jaxnv.core.precision import Policy
-from jaxnv.core.state import CARRIED, TrainState
+from jaxnv.core.state import TrainState, carried
 
 Batch = Any
 LossFn = Callable[[nnx.Module, Batch, jax.Array | None], tuple[jax.Array, dict]]
@@ -133,8 +133,9 @@ def _call_loss(loss_fn, model, batch, rng):
 
 
 def _carried(model, model_state):
-    """The model's non-param state after a call, checked to keep the structure it came in with."""
-    new = nnx.to_pure_dict(nnx.state(model, CARRIED))
+    """The model's non-param state after a call (with LoRA, the frozen base passes through it
+    unchanged), checked to keep the structure it came in with."""
+    new = nnx.to_pure_dict(nnx.state(model, carried(model)))
     if jax.tree.structure(new) != jax.tree.structure(model_state):
         raise LossFnError(
             "the model added or removed variables while it ran: keep non-param state fixed "

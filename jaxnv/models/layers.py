@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxnv.core.precision import Policy, accumulating_dtype
+from jaxnv.models.lora import adapted
 from jaxnv.models.mlp import ACTIVATIONS
 
 # the transformer's activations: jaxnv's, plus GPT-2's "gelu_new" under its descriptive name
@@ -184,6 +185,7 @@ class Attention(nnx.Module):
         B, T, _ = x.shape
         G = self.num_heads // self.num_kv_heads
         qkv = jnp.einsum("btd,dkgh->btkgh", x, self.wqkv[...].astype(dtype))  # (B,T,K,G+2,H)
+        qkv = adapted(self, "wqkv", x, qkv)  # + its LoRA adapter's, if any (jaxnv.models.lora)
         if hasattr(self, "bqkv"):
             qkv = qkv + self.bqkv[...].astype(dtype)[None, None]
         # a split (whose gradient is one concatenation), not slices (padded copies each)
@@ -205,7 +207,8 @@ class Attention(nnx.Module):
         op = accumulating_dtype(dtype)
         q, k, v = q.astype(op), k.astype(op), v.astype(op)
         y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
-        y = jnp.einsum("btnh,nhd->btd", y.astype(dtype), self.wo[...].astype(dtype))  # (B,T,D)
+        y = y.astype(dtype)  # (B, T, N, H)
+        y = adapted(self, "wo", y, jnp.einsum("btnh,nhd->btd", y, self.wo[...].astype(dtype)))
         if hasattr(self, "bo"):
             y = y + self.bo[...].astype(dtype)[None, None]
         return y, cache
@@ -235,14 +238,17 @@ class FeedForward(nnx.Module):
         dtype = self.policy.compute_dtype
         if self.gated:
             gate_up = jnp.einsum("btd,dcf->btcf", x, self.w_gate_up[...].astype(dtype))
+            gate_up = adapted(self, "w_gate_up", x, gate_up)  # (B, T, 2, F)
             gate, up = (t[:, :, 0] for t in jnp.split(gate_up, 2, axis=2))  # (B, T, F) each
             hidden = self.act(gate) * up  # (B, T, F)
         else:
             hidden = jnp.einsum("btd,df->btf", x, self.w_up[...].astype(dtype))  # (B, T, F)
+            hidden = adapted(self, "w_up", x, hidden)
             if hasattr(self, "b_up"):
                 hidden = hidden + self.b_up[...].astype(dtype)[None, None]
             hidden = self.act(hidden)
         out = jnp.einsum("btf,fd->btd", hidden, self.w_down[...].astype(dtype))  # (B, T, D)
+        out = adapted(self, "w_down", hidden, out)
         if hasattr(self, "b_down"):
             out = out + self.b_down[...].astype(dtype)[None, None]
         return out

@@ -93,6 +93,7 @@ def fit(
     progress: bool = True,
     tensorboard: bool = True,
     mfu: bool = True,
+    lora: config_lib.LoRAConfig | None = None,
     name: str = "fit",
 ) -> TrainResult:
     """Train any Flax NNX model on any data; the same loop as `jaxnv train`.
@@ -112,6 +113,9 @@ def fit(
     pass over it, `"refuse"` (default) stops with an error.
     `evaluators` map a name to `fn(model, eval_data) -> dict` of extra eval metrics (the model in
     eval mode). The result's `.model` is the trained module in eval mode.
+    `lora=LoRAConfig(rank=8, targets=("wqkv", "wo"))` trains low-rank adapters on those
+    projections of a jaxnv Transformer and keeps every other weight frozen (docs/finetuning.md);
+    `jaxnv.models.lora.merge(result.model)` folds them in.
     """
     mesh_cfg = mesh if isinstance(mesh, MeshConfig) else MeshConfig(**dict(mesh or {}))
     if rules is not None:
@@ -139,6 +143,7 @@ def fit(
         logging=config_lib.LoggingConfig(
             log_every=log_every, tensorboard=tensorboard, progress=progress, mfu=mfu
         ),
+        lora=lora or config_lib.LoRAConfig(),
     )
     if isinstance(optimizer, optax.GradientTransformation):
         tx, lr_fn = optimizer, None

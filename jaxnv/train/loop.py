@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -25,7 +26,14 @@ from jaxnv import __version__
 from jaxnv import config as config_lib
 from jaxnv.checkpoint.manager import Checkpointer
 from jaxnv.checkpoint.preemption import Preempted, PreemptionGuard
-from jaxnv.checkpoint.pretrained import pretrained_params
+from jaxnv.checkpoint.pretrained import pretrained_base, pretrained_params
+from jaxnv.core.multistep import (
+    make_multi_step,
+    plan_calls,
+    split_metrics,
+    stack_batches,
+    stacked_sharding,
+)
 from jaxnv.core.optim import make_optimizer, make_schedule
 from jaxnv.core.precision import (
     DynamicLossScale,
@@ -40,6 +48,7 @@ from jaxnv.core.state import (
     abstract_state,
     init_state,
     param_count,
+    path_str,
     split_model,
 )
 from jaxnv.core.step import (
@@ -53,6 +62,7 @@ from jaxnv.core.step import (
 from jaxnv.data.pipeline import IndexedBatches, IterableBatches, StepBatches
 from jaxnv.data.sources import Dataset
 from jaxnv.experiment import Experiment
+from jaxnv.models.lora import apply_lora, check_lora
 from jaxnv.parallel.distributed import is_primary
 from jaxnv.parallel.mesh import Plan, batch_divisor, make_mesh, make_plan, put_batch
 from jaxnv.parallel.report import compile_step, format_report
@@ -163,22 +173,25 @@ def _assemble(cfg, model, loss_fn, batches, tx, learning_rate_fn, policy, loss_s
     spec = _global_spec(batches, jax.process_count())
     batch = jax.tree.leaves(spec)[0].shape[0]
     micro = micro_batches_for(batch, ways, t.micro_batches, t.max_device_batch)
-    template = abstract_state(model, tx, policy, rng, loss_scale=loss_scale)
+    model = with_lora(model, cfg.lora, policy, t.seed)  # lora.rank > 0: adapters, base frozen
     shapes = abstract_model(model)
-    plan = make_plan(shapes, template, mesh, cfg.mesh.rules)
+    template = abstract_state(model, tx, policy, rng, loss_scale=loss_scale)
+    plan = _make_plan(shapes, template, mesh, cfg.mesh.rules)
     graphdef = split_model(shapes)[0]
 
     def init() -> TrainState:  # each device creates only its own shards
         state = init_state(model, tx, policy, rng, loss_scale=loss_scale, out_shardings=plan.state)
         state = state[1]
         init_from = getattr(cfg.model, "init_from", "")
-        if init_from:  # the weights of a pretrained checkpoint, on the run's own shardings
-            params = pretrained_params(
-                init_from, state.params, plan.state.params, policy=policy, mesh=mesh,
-                rules=cfg.mesh.rules, max_seq_len=shapes.max_seq_len,
-            )  # fmt: skip
-            state = state.replace(params=params)
-        return state
+        if not init_from:
+            return state
+        kw = dict(policy=policy, mesh=mesh, rules=cfg.mesh.rules, max_seq_len=shapes.max_seq_len)
+        if state.frozen:  # LoRA: the pretrained weights are the frozen base
+            model_state = pretrained_base(init_from, state, plan.state.model_state, **kw)
+            return state.replace(model_state=model_state)
+        # the weights of a pretrained checkpoint, on the run's own shardings
+        params = pretrained_params(init_from, state.params, plan.state.params, **kw)
+        return state.replace(params=params)
 
     placed = jax.tree.map(
         lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), template, plan.state
@@ -197,10 +210,38 @@ def _assemble(cfg, model, loss_fn, batches, tx, learning_rate_fn, policy, loss_s
     )
     eval_step = make_eval_step(graphdef, loss_fn, policy)
     state = placed if abstract else init()
+    if abstract and template.frozen:  # LoRA: checkpoints hold no base; a restore takes run.state's
+        made = [init()]  # made once: the fresh start uses it too
+        state = placed.replace(model_state=made[0].model_state)
+        init = functools.partial(lambda make: made.pop() if made else make(), init)
     return Run(
         cfg, extra.pop("data", None), policy, graphdef, state, batches, train_step, eval_step,
         plan, init=init, micro_batches=micro, **extra,
     )  # fmt: skip
+
+
+def with_lora(model, lora: config_lib.LoRAConfig, policy: Policy, seed: int):
+    """`model` (a factory or a module) with LoRA adapters in the policy's param dtype when
+    `lora.rank > 0` (a module is copied: the caller's keeps none); else `model` itself."""
+    check_lora(lora)
+    if not lora.rank:
+        return model
+    kw = dict(dtype=policy.param_dtype)
+    if isinstance(model, nnx.Module):  # new modules over the same (never written) variables
+        return apply_lora(nnx.merge(*nnx.split(model)), lora, rngs=nnx.Rngs(seed), **kw)
+    return lambda rngs: apply_lora(model(rngs), lora, rngs=rngs, **kw)
+
+
+def _make_plan(shapes, template: TrainState, mesh, rules) -> Plan:
+    """`make_plan`, with a LoRA run's frozen base (in `model_state`) sharded by its weights'
+    logical names like the params it would be in a full fine-tune."""
+    if not template.frozen:
+        return make_plan(shapes, template, mesh, rules)
+    every = nnx.to_pure_dict(nnx.state(shapes, nnx.Param))  # adapters and base
+    plan = make_plan(shapes, template.replace(params=every), mesh, rules)
+    flat = {path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(plan.state.params)}
+    params = jax.tree_util.tree_map_with_path(lambda p, _: flat[path_str(p)], template.params)
+    return dataclasses.replace(plan, state=plan.state.replace(params=params))
 
 
 def _train_batches(data: Dataset, t: config_lib.TrainConfig):
@@ -307,6 +348,10 @@ def _steps(run, workdir, callbacks, ckpt, best, state, start, restored) -> Train
     cfg, t, log = run.cfg, run.cfg.train, run.cfg.logging
     primary = is_primary()  # only process 0 writes logs and metrics
     first = run.batches.sample()
+    tb_dir = os.path.join(workdir, "tensorboard") if workdir and primary else None
+    profile = ProfileWindow(log.profile_steps, tb_dir)
+    per_step = [cb for cb in callbacks if _overrides(cb, "on_step")]
+    calls = _Calls(run, ckpt, profile, per_step)  # train.steps_per_call: steps per compiled call
     if primary:  # start-up lines first, then the progress bar
         lines = []
         if log.progress:
@@ -314,6 +359,7 @@ def _steps(run, workdir, callbacks, ckpt, best, state, start, restored) -> Train
             many = run.plan.mesh.size > 1
             lines.append(format_report(run, compile_step(run) if many else None))
         lines += [n for n in (run.plan.unnamed_note(), *backend_notes(run.policy)) if n]
+        lines += calls.notes
         if start:
             lines.append(f"resuming from step {start} (checkpoint {ckpt.directory}/{start})")
         if lines:
@@ -327,8 +373,6 @@ def _steps(run, workdir, callbacks, ckpt, best, state, start, restored) -> Train
         purge_step=start or None,  # TensorBoard drops the points a resumed run writes again
     )
     writers.start_at(start)
-    tb_dir = os.path.join(workdir, "tensorboard") if workdir and primary else None
-    profile = ProfileWindow(log.profile_steps, tb_dir)
     speed = Throughput(start, t.batch_size, tokens_per_example(first))
     flops, peak = flops_and_peak(log, run, state, _global_sample(run, first))
     history: list[dict[str, Any]] = []
@@ -346,7 +390,7 @@ def _steps(run, workdir, callbacks, ckpt, best, state, start, restored) -> Train
             "version": __version__,
             "best": best.state_dict(),
             # the open logging window's rows: a resumed run logs what an uninterrupted one does
-            "window": [to_scalars(m) for m in jax.device_get(window)],
+            "window": _host_rows(window),
             # where a stream that can say so stands (a grain iterator); None for the others
             "data": data_state(run.batches),
         }
@@ -357,28 +401,26 @@ def _steps(run, workdir, callbacks, ckpt, best, state, start, restored) -> Train
     eval_scalars: dict[str, float] = {}
     guard = PreemptionGuard(sync_every=log.log_every).__enter__()
     monitor = NonFiniteMonitor(t.on_nonfinite, isinstance(state.loss_scale, DynamicLossScale))
-    per_step = [cb for cb in callbacks if _overrides(cb, "on_step")]
     segment: int | None = start  # where the batches start; a rollback starts a new segment
     try:
         while segment is not None:
             first_step, segment = segment, None
-            # batches are gathered and copied to the devices by background threads, ahead of use
-            feed = run.batches.iterate(
-                first_step, t.steps, put=lambda b: put_batch(b, run.plan.batch)
-            )
-            for step, batch in enumerate(feed, first_step):
+            # batches are gathered and copied to the devices by background threads, ahead of use;
+            # a call runs n steps (n > 1: their batches stacked), never past a log, eval or
+            # save step, so everything below sees the same steps as with one step a call
+            for step, n, batch in calls.feed(first_step, t.steps):
                 profile.before_step(step)
                 with jax.transfer_guard("disallow"):  # nothing may move implicitly
-                    state, metrics = run.train_step(state, batch)
-                window.append(metrics)  # stays on the device until the log step
-                profile.after_step(step, state)
-                done = step + 1
+                    state, metrics = calls.run(state, batch, n)
+                window.append(metrics)  # stays on the device until the log step; n > 1: (n,)
+                profile.after_step(step + n - 1, state)
+                done = step + n
                 stop = False
                 if per_step:
                     info = StepInfo(done, to_scalars(jax.device_get(metrics)), state)
                     stop = any([bool(cb.on_step(info)) for cb in per_step])  # all hooks run
                 if done % log.log_every == 0 or done == t.steps:
-                    rows = [to_scalars(m) for m in jax.device_get(window)]
+                    rows = _host_rows(window)
                     bad, n_bad = monitor.first_bad(done - len(rows) + 1, rows)
                     train_scalars = {**_mean_rows(rows), **speed.tick(done)}
                     if flops and peak:
@@ -455,6 +497,130 @@ def _steps(run, workdir, callbacks, ckpt, best, state, start, restored) -> Train
     for cb in callbacks:
         cb.on_end(result)
     return result
+
+
+class _Calls:
+    """How the loop groups steps into compiled calls (`train.steps_per_call=K`): the plan of
+    calls, each ending at or before the next log, eval, save or profile boundary; their batches,
+    stacked `(n, B, ...)` on the devices by background threads; and the compiled n-step scan."""
+
+    def __init__(self, run: Run, ckpt, profile: ProfileWindow, per_step: list):
+        cfg, t = run.cfg, run.cfg.train
+        k = t.steps_per_call
+        if not isinstance(k, int) or k < 1:
+            raise config_lib.ConfigError(
+                f"train.steps_per_call={k!r} must be an integer >= 1 (1: one step a call)"
+            )
+        self._run, self.notes = run, []
+        if k > 1 and per_step:  # on_step sees every step's state: only one step a call can
+            self.notes.append(
+                f"train.steps_per_call={k} ignored: callbacks with on_step "
+                f"({', '.join(type(cb).__name__ for cb in per_step)}) see each step, so every "
+                "step runs as its own call"
+            )
+            k = 1
+        self.every = [cfg.logging.log_every]
+        if run.eval_data is not None:
+            self.every.append(t.eval_every)
+        if ckpt is not None:
+            self.every.append(ckpt.every)
+        self.marks = profile.window or ()
+        odd = [e for e in self.every if e and e % k and e < t.steps]
+        if k > 1 and odd:
+            self.notes.append(
+                f"train.steps_per_call={k} does not divide the log/eval/save periods {odd}: "
+                "calls are cut short at those steps (each new length compiles once); make the "
+                f"periods multiples of {k} for full-length calls"
+            )
+        self.k = k
+        self.stacked = stacked_sharding(run.plan.batch)
+        self.multi = _multi_step(run) if k > 1 else None
+
+    def run(self, state, batch, n: int):
+        """`n` steps on `batch` (n > 1: `(n, B, ...)` stacked): `(state, metrics)`."""
+        return self._run.train_step(state, batch) if n == 1 else self.multi(state, batch)
+
+    def _put(self, batch, n: int):
+        """One step's host batch, or `n > 1` steps' stacked `(n, B, ...)`, placed."""
+        return put_batch(batch, self._run.plan.batch if n == 1 else self.stacked)
+
+    def feed(self, start: int, stop: int):
+        """`(first_step, n, batch)` for every call from `start` to `stop`."""
+        batches, plan = self._run.batches, self._run.plan
+        if self.k == 1:  # one step a call: the feed's own chunked preparation
+            feed = batches.iterate(start, stop, put=lambda b: put_batch(b, plan.batch))
+            return ((step, 1, batch) for step, batch in enumerate(feed, start))
+        calls = list(plan_calls(start, stop, self.k, self.every, self.marks))
+        if isinstance(batches, StepBatches):  # random access: gather a call's steps at once
+
+            def prepare(group):  # a few calls a grain element: its per-element cost is shared
+                return [(s, n, self._put(_gather_steps(batches, s, n), n)) for s, n in group]
+
+            groups = _groups(calls, max(self.k, 32))
+            options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+            prepared = grain.MapDataset.source(groups).map(prepare).to_iter_dataset(options)
+            return (call for group in prepared for call in group)
+        return self._grouped(batches.iterate(start, stop), calls)
+
+    def _grouped(self, feed, calls):
+        """Sequential feeds: the next n host batches of each call, stacked and placed."""
+        feed = iter(feed)
+        for first, n in calls:
+            rows = [next(feed) for _ in range(n)]
+            yield first, n, self._put(rows[0] if n == 1 else stack_batches(rows), n)
+
+
+_MULTI_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _multi_step(run: Run):
+    """The n-step scan of `run`'s train step, made once per step (a run trained again, as a
+    benchmark does, reuses its compilations)."""
+    fn = _MULTI_STEPS.get(run.train_step)
+    if fn is None:
+        fn = make_multi_step(
+            run.train_step.fn, state_sharding=run.plan.state, batch_sharding=run.plan.batch
+        )
+        _MULTI_STEPS[run.train_step] = fn
+    return fn
+
+
+def _groups(calls: list, steps: int) -> list[list]:
+    """Consecutive calls grouped so that each group runs about `steps` steps."""
+    groups, group, size = [], [], 0
+    for call in calls:
+        group.append(call)
+        size += call[1]
+        if size >= steps:
+            groups.append(group)
+            group, size = [], 0
+    return groups + [group] if group else groups
+
+
+def _gather_steps(batches: StepBatches, first: int, n: int):
+    """This process's rows of steps `first, ..., first + n - 1`: one step's batch for n = 1,
+    else the n batches stacked `(n, rows, ...)`, by one gather (StepBatches' own index plan,
+    `_positions` and `_gather`, which its subclasses in data/lm.py keep)."""
+    b, count, index = batches.batch_size, batches.process_count, batches.process_index
+    per = b // count
+    idx = batches._positions(first * b, (first + n) * b).reshape(n, b)
+    idx = idx[:, index * per : (index + 1) * per]  # (n, per): this process's slice of each
+    rows = batches._gather(idx.reshape(-1))  # {key: (n * per, ...)}
+    if n == 1:
+        return rows
+    return {key: v.reshape(n, per, *v.shape[1:]) for key, v in rows.items()}
+
+
+def _host_rows(window: list[dict]) -> list[dict[str, float]]:
+    """The logging window's rows on the host, one a step: a call of n > 1 steps left one entry
+    of `(n,)` metrics, split here into its n rows."""
+    rows = []
+    for m in jax.device_get(window):
+        if any(np.ndim(v) for v in m.values()):
+            rows += [to_scalars(r) for r in split_metrics(m)]
+        else:
+            rows.append(to_scalars(m))
+    return rows
 
 
 def _summarize(run: Run, result: TrainResult) -> dict:
