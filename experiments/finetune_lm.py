@@ -20,8 +20,6 @@ adapters; `jaxnv.models.lora.merge(result.model)` folds them in for `jaxnv.hf.sa
 
 from __future__ import annotations
 
-import concurrent.futures
-
 import jax
 import numpy as np
 
@@ -84,13 +82,8 @@ def summarize(result) -> dict:
     out = {}
     model = result.model
     if result.data.eval is not None:
-        # loaded on a thread of its own: jaxnv.hf.load fails under the run's mesh context (which
-        # is thread-local), and the summary runs inside it
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            directory = result.data.info["init_from"]
-            base = pool.submit(
-                load, directory, policy=result.policy, max_seq_len=model.max_seq_len
-            ).result()
+        directory = result.data.info["init_from"]
+        base = load(directory, policy=result.policy, max_seq_len=model.max_seq_len)
         graphdef, params, model_state = split_model(base)
         out["eval_loss_before"] = round(_eval_loss(graphdef, params, model_state, result), 4)
         out["eval_loss_after"] = round(result.eval_metrics["loss"], 4)

@@ -33,12 +33,18 @@ from jaxnv.parallel.pipeline import attach_pipeline  # mesh.stage > 1: split the
 def default_make_model(cfg: Config, data: Dataset, policy: Policy, rngs: nnx.Rngs) -> nnx.Module:
     """The registry model `cfg.model.name` sized for `data` (or, with `model.init_from=hf:DIR`,
     the transformer of DIR's config.json; the loop loads its weights)."""
+    tokenizer = data.info.get("tokenizer")
     if getattr(cfg.model, "init_from", ""):
         from jaxnv.checkpoint.pretrained import pretrained_model
 
         model = pretrained_model(cfg.model, cfg.model.max_seq_len or data.in_features, policy, rngs)
+        if tokenizer is not None and model.vocab_size < tokenizer.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {tokenizer.vocab_size} ids but {cfg.model.init_from}'s "
+                f"vocabulary {model.vocab_size}: use the checkpoint's own tokenizer (leave "
+                "data.tokenizer unset)"
+            )
         return attach_pipeline(model, cfg)
-    tokenizer = data.info.get("tokenizer")
     vocab = getattr(cfg.model, "vocab_size", 0)
     if tokenizer is not None and vocab and vocab < tokenizer.vocab_size:
         raise ValueError(

@@ -141,3 +141,14 @@ def test_finetune_lm_lora_keeps_the_base_and_exports_to_transformers(checkpoint,
         theirs = back(torch.tensor(tokens)).logits.numpy()
     ours = np.asarray(nnx.merge(lm.graphdef, lm.params, lm.model_state)(tokens.astype(np.int32)))
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_a_tokenizer_larger_than_the_checkpoints_vocabulary_is_one_line(
+    checkpoint, tmp_path, capsys
+):
+    init = f"model.init_from=hf:{checkpoint['dir']}"
+    args = [*ARGS, init, f"data.path={checkpoint['corpus']}", "data.tokenizer=bpe:400"]
+    code = main(["train", "code_lm", "--workdir", str(tmp_path / "w"), *args])
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" not in line]
+    assert code == 2 and len(err) == 1 and "vocabulary 320" in err[0], err  # a BPE of <= 400
+    assert not (tmp_path / "w" / "checkpoints").exists()

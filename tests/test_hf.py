@@ -156,6 +156,15 @@ def test_fsdp_load_places_each_tensor_on_its_shards(hf_models):
     np.testing.assert_allclose(ours, _hf_logits(reference, tokens), atol=1e-4, rtol=1e-4)
 
 
+def test_load_inside_a_training_runs_mesh_context(hf_models):
+    """A summary or callback runs under the run's `jax.set_mesh`: load works there too."""
+    path, reference = hf_models["qwen2"]
+    with jax.set_mesh(make_mesh(MeshConfig(data=-1))):
+        model = load(path)
+    tokens = _tokens(4)
+    np.testing.assert_allclose(_ours(model, tokens), _hf_logits(reference, tokens), atol=1e-4)
+
+
 def test_tables_round_trip_exactly():
     """to_hf(to_ours(x)) is x for every entry of every architecture (numpy only)."""
     rng = np.random.default_rng(0)

@@ -215,3 +215,23 @@ def test_direct_errors_are_one_line():
     graphdef, params = nnx.split(_tiny(Pipeline(2, 3)))
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="does not divide the batch of 8"):
         jax.eval_shape(_loss, params, graphdef, jnp.zeros((8, 16), jnp.int32))
+
+
+def test_fit_pipelines_a_users_transformer_on_the_stage_axis():
+    """`jaxnv.fit(model, ..., mesh={"stage": 2, ...})` attaches the pipeline itself: the loss
+    curve equals the same model trained on one device."""
+    from jaxnv import fit
+    from jaxnv.core.losses import softmax_ce_loss
+
+    tokens = np.random.default_rng(0).integers(0, 37, (64, 17)).astype(np.int32)
+    data = {"x": tokens[:, :-1], "y": tokens[:, 1:]}
+
+    def run(**kw):
+        model = Transformer(37, num_layers=4, num_heads=2, embed_dim=16, max_seq_len=16,
+                            rngs=nnx.Rngs(0))  # fmt: skip
+        out = fit(model, softmax_ce_loss, data, steps=4, batch_size=8, log_every=1,
+                  progress=False, tensorboard=False, mfu=False, **kw)  # fmt: skip
+        return _losses(out.history)
+
+    piped = run(mesh={"stage": 2, "data": 4})
+    np.testing.assert_allclose(piped, run(devices=jax.devices()[:1]), rtol=1e-5)

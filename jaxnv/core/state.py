@@ -137,11 +137,19 @@ def split_model(model: nnx.Module):
 
 
 def abstract_model(model: ModelFn | nnx.Module) -> nnx.Module:
-    """The model with shapes only (no memory, no sharding needed), from a factory or a module."""
-    if isinstance(model, nnx.Module):
-        return nnx.eval_shape(lambda: nnx.merge(*nnx.split(model)))
-    with nnx.use_eager_sharding(False):
-        return nnx.eval_shape(lambda: model(nnx.Rngs(0)))
+    """The model with shapes only (no memory, no sharding needed), from a factory or a module.
+
+    Shapes only, also under a mesh context (`jax.set_mesh`): NNX would otherwise give every
+    abstract param a sharding from its logical names as if they were mesh axes.
+    """
+    with jax.sharding.use_abstract_mesh(_NO_MESH):
+        if isinstance(model, nnx.Module):
+            return nnx.eval_shape(lambda: nnx.merge(*nnx.split(model)))
+        with nnx.use_eager_sharding(False):
+            return nnx.eval_shape(lambda: model(nnx.Rngs(0)))
+
+
+_NO_MESH = jax.sharding.AbstractMesh((), ())
 
 
 def init_state(

@@ -20,6 +20,7 @@ from jaxnv.core.precision import Policy, get_policy, make_loss_scale
 from jaxnv.data.pipeline import IndexedBatches, IterableBatches, StepBatches
 from jaxnv.data.sources import Dataset
 from jaxnv.parallel.mesh import MeshConfig
+from jaxnv.parallel.pipeline import attach_pipeline
 from jaxnv.train.callbacks import Callback
 from jaxnv.train.loop import TrainResult, _assemble, _train
 
@@ -49,6 +50,13 @@ def _as_batches(data, batch_size, seed, on_resume):
         f"fit: train_data of type {type(data).__name__} is not data: pass an iterable of batches "
         "(dicts of arrays), a jaxnv Dataset, a dict of arrays with batch_size, or a grain dataset"
     )
+
+
+def _pipelined(model, cfg):
+    """The model (or factory) with the pipeline of `mesh.stage` attached."""
+    if isinstance(model, nnx.Module):
+        return attach_pipeline(model, cfg)
+    return lambda rngs: attach_pipeline(model(rngs), cfg)
 
 
 def _check_eval_data(data):
@@ -151,6 +159,8 @@ def fit(
         updates = steps // opt_cfg.accumulate_steps
         tx, lr_fn = make_optimizer(opt_cfg, updates), make_schedule(opt_cfg, updates)
     batches = _as_batches(train_data, batch_size, seed, on_resume)
+    if mesh_cfg.stage > 1:  # the transformer's blocks split over the stage axis
+        model = _pipelined(model, cfg)
     if eval_data is None and isinstance(train_data, Dataset):
         eval_data = train_data.eval
     loss_scale = make_loss_scale("auto", policy)
