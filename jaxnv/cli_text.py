@@ -61,8 +61,20 @@ def cmd_export_hf(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import ipaddress
+    import sys
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+
+        from jaxnv.serve.server import serve
+    except ImportError as e:
+        if (e.name or "").partition(".")[0] in ("fastapi", "uvicorn", "prometheus_client"):
+            msg = "jaxnv serve needs the serve extra: pip install 'jaxnv[serve]'"
+            raise ValueError(msg) from None
+        raise
     from jaxnv.serve.loading import load_lm
-    from jaxnv.serve.server import serve
 
     api_key = None
     if args.api_key_env:
@@ -72,6 +84,14 @@ def cmd_serve(args) -> int:
                 f"--api-key-env {args.api_key_env}: that environment variable is unset or empty: "
                 "export the key in it"
             )
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        loopback = False
+    if api_key is None and not loopback:
+        print(f"jaxnv serve: warning: listening on {args.host} without an API key: anyone who can "
+              f"reach port {args.port} can use the model; set --api-key-env VAR",
+              file=sys.stderr, flush=True)  # fmt: skip
     step = _step(args.step)
     lm = load_lm(args.path, step=step, experiment=args.experiment)
     return serve(lm, host=args.host, port=args.port, slots=args.slots, max_len=args.max_len,

@@ -3,6 +3,7 @@ offline `generate`'s tokens (greedy, and seeded samples with top-k / top-p); sto
 strings, budgets and cancellation; traffic never compiles; bad requests are RequestErrors."""
 
 import functools
+import types
 
 import jax
 import numpy as np
@@ -11,7 +12,7 @@ from flax import nnx
 
 from jaxnv.models.generate import generate
 from jaxnv.models.transformer import Transformer
-from jaxnv.serve.engine import Engine, RequestError, SamplingParams
+from jaxnv.serve.engine import Engine, RequestError, SamplingParams, _Slot
 
 VOCAB, MAX_LEN = 61, 48
 
@@ -103,6 +104,28 @@ def test_stop_ids_and_stop_strings_end_a_request_and_text_is_held_back():
     for e in events["b"]:
         sent += e.text
         assert len(sent) <= text.find(stop)  # the stop's start is never handed out
+
+
+def test_held_back_text_is_the_longest_end_that_begins_a_stop():
+    detok = lambda ids: "".join(chr(97 + i % 26) for i in ids)  # noqa: E731
+    host = types.SimpleNamespace(detokenize=detok)  # _text needs only the detokenizer
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        ids = rng.integers(0, 2, int(rng.integers(1, 12))).tolist()  # "a" and "b"
+        stops = tuple("".join(rng.choice(["a", "b"], int(rng.integers(1, 6)))) for _ in range(2))
+        text = detok(ids)
+        if any(stop in text for stop in stops):
+            continue
+        held = max(k for stop in stops for k in range(len(stop)) if text.endswith(stop[:k]))
+        slot = _Slot("r", SamplingParams(stop=stops), frozenset(), ids)
+        assert Engine._text(host, slot, None) == (text[: len(text) - held], None)
+    # a long stop whose start the text keeps ending with: all of the text is held back (its
+    # cost per token is the server's to bound: api.MAX_STOP_CHARS; no timing in unit tests)
+    stop = "a" * 10_000 + "b"
+    slot = _Slot("r", SamplingParams(stop=(stop,)), frozenset(), [0] * 2000)
+    for _ in range(3):
+        slot.ids.append(0)
+        assert Engine._text(host, slot, None) == ("", None)
 
 
 def test_cancel_frees_the_slot_and_other_requests_are_unaffected():

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from jaxnv.data.files import detect_format, expand, iter_documents_sharded, read_documents
+from jaxnv.data.files import detect_format, expand, read_documents
 
 DOCS = ["first doc", "", "naïve 東京 🙂\nsecond line", "x" * 5000, "last"]
 
@@ -110,19 +110,3 @@ def test_array_record_text(tmp_path):
     (tmp_path / "x.bin").write_bytes(b"\x00\x01")
     with pytest.raises(ValueError, match="holds token ids"):
         list(read_documents(str(tmp_path / "x.bin")))
-
-
-@pytest.mark.parametrize("n_files", [5, 2])  # >= and < the number of processes
-def test_sharded_reading_partitions_the_documents(tmp_path, n_files):
-    for i in range(n_files):
-        _write_jsonl(tmp_path / f"{i}.jsonl", [f"f{i} d{j}" for j in range(4)])
-    everything = list(read_documents(str(tmp_path)))
-    shards = [list(iter_documents_sharded(str(tmp_path), "auto", "text", k, 3)) for k in range(3)]
-    assert sorted(sum(shards, [])) == sorted(everything)  # each document read exactly once
-    assert all(shards)
-    if n_files >= 3:  # whole files per process
-        assert shards[0][:4] == everything[:4] and shards[1][:4] == everything[4:8]
-    else:
-        assert shards[1] == everything[1::3]
-    with pytest.raises(ValueError, match="shard_index"):
-        next(iter_documents_sharded(str(tmp_path), shard_index=3, shard_count=3))

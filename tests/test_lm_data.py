@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
-from jaxnv.data.lm import PackedBatches, PreparedCorpus, TokenFileBatches, WindowBatches
+from jaxnv.data.lm import (
+    PackedBatches,
+    PreparedCorpus,
+    TokenFileBatches,
+    WindowBatches,
+    _max_id,
+)
 
 EOS = 7
 
@@ -221,6 +227,32 @@ def test_token_file_windows_equal_slices_of_fromfile(tmp_path):
         TokenFileBatches(tmp_path / "odd.bin", "uint16", 1, 1, 0)
 
 
+def test_token_file_ids_are_checked_against_the_tokenizer(tmp_path, monkeypatch):
+    import jaxnv.data.lm as lm
+    from jaxnv.config import DataConfig
+    from jaxnv.data.text import files_dataset
+
+    gpt2 = np.random.default_rng(1).integers(0, 50000, 3001).astype(np.uint16)
+    gpt2[1234] = 50256
+    gpt2.tofile(tmp_path / "train.bin")
+    small = np.arange(600, dtype=np.uint32) % 257  # ids 0..256: the bytes tokenizer's
+    small.tofile(tmp_path / "bytes.bin")
+    monkeypatch.setattr(lm, "_max_id", lambda p, d, chunk_bytes=64: _max_id(p, d, chunk_bytes))
+    assert TokenFileBatches(tmp_path / "train.bin", "uint16", 8, 2, 0).max_id == 50256
+    assert TokenFileBatches(tmp_path / "bytes.bin", "uint32", 8, 2, 0).max_id == 256
+    cfg = DataConfig(name="files", path=str(tmp_path / "train.bin"), format="tokens", seq_len=8)
+    with pytest.raises(
+        ValueError, match="data.path ids reach 50256 but data.tokenizer has 257"
+    ) as e:
+        files_dataset(cfg, batch_size=2, seed=0)
+    assert "\n" not in str(e.value)
+    ok = DataConfig(
+        name="files", path=str(tmp_path / "bytes.bin"), format="tokens", seq_len=8,
+        token_dtype="uint32", eval_path=str(tmp_path / "bytes.bin"),
+    )  # fmt: skip
+    assert files_dataset(ok, batch_size=2, seed=0).out_features == 257
+
+
 def test_token_file_iteration_keeps_memory_small(tmp_path):
     path = tmp_path / "big.bin"
     with open(path, "wb") as f:
@@ -282,6 +314,38 @@ def test_prepare_output_reads_back_as_windows(tmp_path):
     got = np.concatenate([b["x"] for b, _ in wb.eval_batches(4)])
     n = len(stream) // 10
     np.testing.assert_array_equal(got, stream[: n * 10].reshape(n, 10)[:, :-1])
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_prepared_eval_reads_only_the_documents_num_eval_rows_need(tmp_path, monkeypatch, packing):
+    from jaxnv.config import DataConfig
+    from jaxnv.data.prepare import prepare
+    from jaxnv.data.text import eval_rows, files_dataset
+
+    paths = write_sources(tmp_path, make_texts(200, 9), "jsonl", 2)
+    prepare(paths, tmp_path / "prep", tokenizer="bytes", progress=False)
+    corpus = PreparedCorpus(tmp_path / "prep")
+    _, held = corpus.split(0.5, seed=0)
+    docs = corpus.docs(held)
+    read = []
+    real_docs = PreparedCorpus.docs
+    monkeypatch.setattr(
+        PreparedCorpus, "docs", lambda self, ids: read.append(len(ids)) or real_docs(self, ids)
+    )
+    cfg = DataConfig(
+        name="files", path=str(tmp_path / "prep"), seq_len=16, eval_fraction=0.5, num_eval=3,
+        packing=packing,
+    )  # fmt: skip
+    got = files_dataset(cfg, batch_size=2, seed=0).eval
+    lengths = np.array([len(d) + 1 for d in docs])
+    need = int(np.searchsorted(np.cumsum(lengths), 3 * 17)) + 1  # docs filling 3 rows of 17
+    assert read == [need] and need < len(held) // 4
+    want = eval_rows(docs[:need], corpus.eos_id, 16, packing, 3)
+    assert got.keys() == want.keys() and len(got["x"]) == 3
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    if not packing:  # windows: the first rows of all the held-out documents
+        np.testing.assert_array_equal(got["x"], eval_rows(docs, corpus.eos_id, 16, False, 3)["x"])
 
 
 def tokens_per_second(batches, steps: int) -> float:

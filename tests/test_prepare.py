@@ -128,6 +128,7 @@ def test_interrupted_run_is_redone_cleanly(tmp_path):
     docs = _corpus(tmp_path / "in")
     out = tmp_path / "out"
     (out / ".prepare-dead" / "tokenizer").mkdir(parents=True)
+    (out / ".prepare-started").write_text("")  # the mark the interrupted run wrote first
     (out / "shard-00007.array_record").write_bytes(b"stale")  # left by a run that died
     (out / "notes.txt").write_text("the user's own file")
     m = prepare(str(tmp_path / "in"), out, docs_per_shard=100, progress=False)
@@ -140,6 +141,26 @@ def test_interrupted_run_is_redone_cleanly(tmp_path):
         "tokenizer",
     ]
     assert [r.tolist() for r in _records(out, m)] == [list(d.encode()) for d in docs if d]
+
+
+def test_files_prepare_did_not_write_are_never_deleted(tmp_path):
+    docs = _corpus(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "lengths.npy").write_bytes(b"the user's own lengths")
+    (out / "shard-00000.array_record").write_bytes(b"the user's own shard")
+    before = _snapshot(out)
+    with pytest.raises(ValueError, match="already holds files jaxnv did not write") as e:
+        prepare(str(tmp_path / "in"), out, progress=False)
+    assert "\n" not in str(e.value) and "lengths.npy" in str(e.value)
+    assert {p: v for p, v in _snapshot(out).items() if not p.endswith(".prepare.lock")} == before
+    assert not (out / ".prepare-started").exists()
+    # an empty --out (or one holding only the lock) is prepared, and the mark goes with the run
+    m = prepare(str(tmp_path / "in"), tmp_path / "fresh", progress=False)
+    assert not (tmp_path / "fresh" / ".prepare-started").exists()
+    assert [r.tolist() for r in _records(tmp_path / "fresh", m)] == [
+        list(d.encode()) for d in docs if d
+    ]
 
 
 def test_workers_write_the_same_shards(tmp_path):

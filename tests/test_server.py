@@ -172,6 +172,19 @@ BAD = {
     "wrong API key": (b'{"prompt": "hi"}', {"Authorization": "Bearer nope"}, 401, None),
     "no API key": (b'{"prompt": "hi"}', {"Authorization": ""}, 401, None),
     "unsupported n": (b'{"prompt": "hi", "n": 2}', {}, 400, "n"),
+    "five stop strings": (
+        json.dumps({"prompt": "hi", "stop": list("abcde")}).encode(),
+        {},
+        400,
+        "stop",
+    ),
+    "a stop over 256 characters": (
+        json.dumps({"prompt": "hi", "stop": "ab" * 129}).encode(),
+        {},
+        400,
+        "stop",
+    ),
+    "33 prompts": (json.dumps({"prompt": [[1]] * 33}).encode(), {}, 400, "prompt"),
 }
 
 
@@ -189,18 +202,64 @@ def test_bad_requests_are_openai_errors_and_the_server_keeps_serving(server, cas
     assert ok.choices[0].finish_reason in ("length", "stop")
 
 
-def test_a_full_queue_answers_503_with_retry_after(server):
+def test_a_full_queue_answers_503_with_retry_after(server, monkeypatch):
     _, app, url = server
     runner = app.state.runner
-    runner.max_queue = 0  # no room at all
-    try:
-        r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi"},
-                       headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
-    finally:
-        runner.max_queue = 256
+    monkeypatch.setattr(runner, "submit", lambda jobs: False)  # no room left now
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi"},
+                   headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
     assert r.status_code == 503 and r.headers["Retry-After"] == "1"
     assert r.json()["error"]["type"] == "server_overloaded"
     assert httpx.get(f"{url}/health").json()["status"] == "ok"  # no key needed
+
+
+def test_more_prompts_than_the_queue_holds_is_a_400_not_a_503(server, monkeypatch):
+    _, app, url = server
+    monkeypatch.setattr(app.state.runner, "max_queue", 2)
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": [[1], [2], [3]]},
+                   headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "prompt" and "at most 2" in r.json()["error"]["message"]
+
+
+def test_an_internal_error_is_logged_and_not_shown_to_the_client(server, monkeypatch, caplog):
+    lm, _, url = server
+
+    def broken(text):
+        raise RuntimeError("secret-internal-detail")
+
+    monkeypatch.setattr(lm.tokenizer, "encode", broken)
+    with caplog.at_level("ERROR", logger="jaxnv.serve"):
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi"},
+                       headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+    assert r.status_code == 500
+    error = r.json()["error"]
+    assert error["type"] == "server_error" and "server log" in error["message"]
+    assert "secret" not in r.text and "RuntimeError" not in r.text
+    logged = [rec for rec in caplog.records if rec.name == "jaxnv.serve"]
+    assert logged and logged[0].exc_info[1].args == ("secret-internal-detail",)
+
+
+def test_health_answers_503_after_an_engine_failure(server, monkeypatch, caplog):
+    _, app, url = server
+    runner = app.state.runner
+
+    def broken(*args):
+        raise RuntimeError("secret-device-detail")
+
+    monkeypatch.setattr(runner.engine, "insert", broken)
+    try:
+        with caplog.at_level("ERROR", logger="jaxnv.serve"):
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi"},
+                           headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+        assert r.status_code == 500 and "secret" not in r.text
+        assert any(rec.exc_info for rec in caplog.records if rec.name == "jaxnv.serve")
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503, health.text
+        assert health.json()["status"] == "error"
+        assert "engine failed" in health.json()["reason"] and "secret" not in health.text
+    finally:
+        runner.failure = None  # the module's server serves the other tests
 
 
 def test_a_client_that_disconnects_frees_its_slot(server, monkeypatch):
@@ -281,3 +340,39 @@ def test_cli_refuses_an_unset_api_key_variable(capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert "JAXNV_TEST_UNSET_KEY" in err and len(err.splitlines()) == 1
+
+
+def test_cli_refuses_a_busy_port_in_one_line(model_dir, capsys, monkeypatch):
+    from jaxnv import cli
+
+    monkeypatch.setenv("JAXNV_COMPILATION_CACHE", "off")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = cli.main(["serve", str(model_dir), "--port", str(port), "--slots", "1"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert f"cannot listen on 127.0.0.1:{port}" in err and len(err.splitlines()) == 1, err
+
+
+def test_cli_warns_when_it_listens_beyond_loopback_without_a_key(capsys, monkeypatch):
+    from jaxnv import cli
+
+    monkeypatch.setenv("JAXNV_COMPILATION_CACHE", "off")
+    assert cli.main(["serve", "nowhere", "--host", "0.0.0.0"]) == 2  # then "nowhere" is refused
+    err = capsys.readouterr().err.splitlines()
+    assert "anyone who can reach port 8000 can use the model" in err[0]
+    assert "--api-key-env" in err[0] and len(err) == 2
+    for host in ("127.0.0.1", "localhost", "::1"):
+        assert cli.main(["serve", "nowhere", "--host", host]) == 2
+        assert "warning" not in capsys.readouterr().err
+
+
+def test_cli_without_the_serve_extra_says_how_to_install_it(capsys, monkeypatch):
+    from jaxnv import cli
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn: ImportError
+    assert cli.main(["serve", "nowhere"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "jaxnv: error: jaxnv serve needs the serve extra: pip install 'jaxnv[serve]'"

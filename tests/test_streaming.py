@@ -158,3 +158,63 @@ def test_stream_text_files_are_one_document_each_and_gzip_jsonl_reads(tmp_path):
     assert len(rest) > 1 and all(
         np.array_equal(a, b["x"]) for a, b in zip(rest, fresh, strict=True)
     )
+
+
+def test_stream_reads_a_json_array_like_the_file_readers(tmp_path):
+    from jaxnv.data.files import read_documents
+
+    texts = make_texts(12, 7)
+    path = tmp_path / "docs.json"
+    path.write_text("\n " + json.dumps([{"text": t, "id": i} for i, t in enumerate(texts)]))
+    assert list(read_documents(str(path))) == texts
+    kw = {"packing": True, "num_epochs": 1, "shuffle_files": False}
+    got = segments(list(stream_dataset([str(path)], "jsonl", "text", ByteTok(), 128, 1, **kw)))
+    assert got == sorted(tuple(list(t.encode()) + [256]) for t in texts)
+    it = iter(stream_dataset([str(path)], "jsonl", "text", ByteTok(), 8, 1, **kw))
+    take(it, 3)
+    state = it.get_state()  # its offset is a record index
+    rest = [b["x"] for b in it]
+    fresh = iter(stream_dataset([str(path)], "jsonl", "text", ByteTok(), 8, 1, **kw))
+    fresh.set_state(state)
+    again = [b["x"] for b in fresh]
+    assert len(rest) > 1 and len(again) == len(rest)
+    assert all(np.array_equal(a, b) for a, b in zip(rest, again, strict=True))
+    path.write_text(json.dumps([{"text": "fine"}, {"body": "no text"}]))
+    with pytest.raises(ValueError, match="record 2: not a JSON object with a 'text'") as e:
+        list(stream_dataset([str(path)], "jsonl", "text", ByteTok(), 4, 1, **kw))
+    assert "\n" not in str(e.value)
+
+
+def test_stream_reads_parquet_in_bounded_batches_and_resumes_mid_group(tmp_path, monkeypatch):
+    import jaxnv.data.streaming as streaming
+
+    texts = make_texts(90, 8)
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=40)  # groups of 40, 40, 10
+    monkeypatch.setattr(streaming, "PARQUET_BATCH_ROWS", 7)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", None)  # never a whole row group
+    monkeypatch.setattr(pq.ParquetFile, "read", None)
+    seen = []
+    iter_batches = pq.ParquetFile.iter_batches
+
+    def recording(self, *args, **kwargs):
+        for batch in iter_batches(self, *args, **kwargs):
+            seen.append(batch.num_rows)
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", recording)
+    kw = {"packing": True, "num_epochs": 1, "shuffle_files": False}
+    ds = stream_dataset([str(path)], "parquet", "text", ByteTok(), 128, 1, **kw)
+    assert segments(list(ds)) == sorted(tuple(list(t.encode()) + [256]) for t in texts)
+    assert seen and max(seen) <= 7
+    whole = [b["x"] for b in stream_dataset([str(path)], "parquet", "text", ByteTok(), 8, 2, **kw)]
+    for cut in (5, 90, 130, 150):  # resumes at rows 3, 48, 72, 81: inside batches and groups
+        it = iter(stream_dataset([str(path)], "parquet", "text", ByteTok(), 8, 2, **kw))
+        take(it, cut)
+        state = json.loads(json.dumps(it.get_state()))
+        assert state["parent"]["offset"] in (3, 48, 72, 81)
+        fresh = iter(stream_dataset([str(path)], "parquet", "text", ByteTok(), 8, 2, **kw))
+        fresh.set_state(state)
+        rest = [b["x"] for b in fresh]
+        assert len(rest) == len(whole) - cut
+        assert all(np.array_equal(a, b) for a, b in zip(whole[cut:], rest, strict=True))

@@ -31,7 +31,7 @@ _EXTENSIONS = {
     ".array_record": "array_record",
     ".bin": "tokens",
 }
-_PARQUET_BATCH_ROWS = 1024  # rows in memory at a time, whatever the row-group size
+PARQUET_BATCH_ROWS = 1024  # rows in memory at a time, whatever the row-group size
 
 
 def expand(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -111,33 +111,6 @@ def read_documents(
     format = detect_format(paths) if format == "auto" else format
     for path in paths:
         yield from _read_file(path, format, field)
-
-
-def iter_documents_sharded(
-    paths: str | Sequence[str],
-    format: str = "auto",
-    field: str = "text",
-    shard_index: int = 0,
-    shard_count: int = 1,
-) -> Iterator[str]:
-    """The documents that process `shard_index` of `shard_count` reads, each read by exactly one.
-
-    With at least as many files as processes each process reads whole files
-    (`files[shard_index::shard_count]`: no process opens another's files); with fewer files every
-    process reads all of them and keeps documents `shard_index::shard_count` of the stream.
-    Shards are as even as the files are: byte counts are not balanced.
-    """
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index={shard_index} must lie in [0, shard_count={shard_count})")
-    paths = expand(paths)
-    format = detect_format(paths) if format == "auto" else format
-    if len(paths) >= shard_count:
-        for path in paths[shard_index::shard_count]:
-            yield from _read_file(path, format, field)
-    else:
-        for i, doc in enumerate(read_documents(paths, format, field)):
-            if i % shard_count == shard_index:
-                yield doc
 
 
 def _read_file(path: str, format: str, field: str) -> Iterator[str]:
@@ -243,7 +216,7 @@ def _read_parquet(path: str, field: str) -> Iterator[str]:
                 "to the text column"
             )
         # iter_batches reads one row group at a time and slices it: never the whole file
-        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[field]):
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field]):
             for text in batch.column(0).to_pylist():
                 if text is not None and not isinstance(text, str):
                     raise ValueError(

@@ -318,9 +318,21 @@ class PackedBatches(_ComputedBatches):
             yield self._rows(rows), len(rows)
 
 
+def _max_id(path: Path, dtype: np.dtype, chunk_bytes: int = 1 << 25) -> int:
+    """The largest id of a flat token file, read in chunks into one buffer (never whole, and
+    not mapped: the pages of a scan would stay resident)."""
+    buf = np.empty(chunk_bytes // dtype.itemsize, dtype)
+    top = -1
+    with open(path, "rb") as f:
+        while n := f.readinto(buf):
+            top = max(top, int(buf[: n // dtype.itemsize].max()))
+    return top
+
+
 class TokenFileBatches(_ComputedBatches):
     """Random windows of a nanoGPT token file (a flat array of `dtype` ids, no header), read
-    through `np.memmap` (never whole). The offsets of step `s` are drawn from (`seed`, `s`)."""
+    through `np.memmap` (never whole). The offsets of step `s` are drawn from (`seed`, `s`).
+    `max_id` is the file's largest id, scanned once when it is opened."""
 
     def __init__(
         self,
@@ -351,6 +363,7 @@ class TokenFileBatches(_ComputedBatches):
                 f"{path} holds {self.num_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}: "
                 "lower model.seq_len"
             )
+        self.max_id = _max_id(self.path, self.dtype)  # the largest id in the file
         self._setup(batch_size, seed, self.num_tokens, process_index, process_count)
 
     def _positions(self, begin: int, end: int) -> np.ndarray:

@@ -4,7 +4,8 @@
     manifest, source = open_shards("data/corpus")    # source[i]: document i's token bytes
     ids = np.frombuffer(source[0], token_dtype(manifest))
 
-`out_dir` holds `manifest.json` (written last: a preparation is complete iff it is there),
+`out_dir` holds `manifest.json` (written last: a preparation is complete iff it is there; until
+then `.prepare-started` marks a run under way, the only kind whose leftovers are cleaned),
 `tokenizer/` (`load_saved` reloads it), `shard-NNNNN.array_record` (one record per non-empty
 document, in input order: its ids as little-endian `dtype` bytes, no eos appended) and
 `lengths.npy` (int64 token count of every record, in global order).
@@ -32,6 +33,7 @@ from jaxnv.data.tokenizers import Tokenizer, load_tokenizer, train_bpe
 
 MANIFEST = "manifest.json"
 LOCK_FILE = ".prepare.lock"  # kept: removing it would race with a waiting process
+STARTED = ".prepare-started"  # written first, removed with the manifest: a run is under way
 FORMAT_TAG = "jaxnv-tokens/1"
 
 
@@ -103,6 +105,7 @@ def prepare(
                 f"{out_dir} holds a preparation of other inputs/tokenizer: use a new --out or "
                 "delete it"
             )
+        _start(out_dir)
         if training:
             if progress:
                 print(f"training {spec} on {len(paths)} files ...", file=sys.stderr)
@@ -121,6 +124,7 @@ def prepare(
         manifest["tokenizer"]["spec"] = spec
         manifest["input_fingerprint"] = in_fp
         _write_json_atomic(os.path.join(out_dir, MANIFEST), manifest)  # last: now complete
+        os.remove(os.path.join(out_dir, STARTED))
     if progress:
         rate = manifest["text_bytes"] / 1e6 / max(time.perf_counter() - start, 1e-9)
         print(f"{_summary(manifest)}, {rate:.2f} MB/s -> {out_dir}")
@@ -229,8 +233,24 @@ def _existing_manifest(out_dir: str) -> dict | None:
     return manifest
 
 
+def _start(out_dir: str) -> None:
+    """Mark `out_dir` as being prepared. Without the mark of an interrupted run, `out_dir` must
+    hold nothing else: prepare never cleans (deletes) files it did not write."""
+    marker = os.path.join(out_dir, STARTED)
+    if not os.path.exists(marker):
+        others = sorted(set(os.listdir(out_dir)) - {LOCK_FILE})
+        if others:
+            raise ValueError(
+                f"--out {out_dir} already holds files jaxnv did not write ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}): give a new or empty --out"
+            )
+        with open(marker, "w") as f:
+            f.write("a `jaxnv data prepare` started here; it is complete when manifest.json is\n")
+
+
 def _clean_interrupted(out_dir: str) -> None:
-    """Remove what an interrupted run (no manifest) left: only names `prepare` itself writes."""
+    """Remove what an interrupted run (its STARTED mark, no manifest) left: only names `prepare`
+    itself writes."""
     for name in os.listdir(out_dir):
         path = os.path.join(out_dir, name)
         if name.startswith(".prepare-") and os.path.isdir(path):

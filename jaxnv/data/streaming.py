@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from grain.experimental import ConcatThenSplitIterDataset, FirstFitPackIterDataset
 
+from jaxnv.data.files import PARQUET_BATCH_ROWS, _load_json
 from jaxnv.data.packing import lm_batch
 
 FORMATS = ("text", "jsonl", "parquet")
@@ -32,15 +33,25 @@ FORMATS = ("text", "jsonl", "parquet")
 
 class _Reader:
     """Documents of one file from a position: `read()` gives the next text (None at the end) and
-    moves `position` past it. Positions: jsonl the byte offset of the next line, parquet the next
-    row, text 0 or 1 (one document a file)."""
+    moves `position` past it. Positions: jsonl the byte offset of the next line (a `.json` file
+    holding one array of records: the next record's index), parquet the next row, text 0 or 1
+    (one document a file)."""
 
     def __init__(self, path: str, format: str, field: str, position: int):
         self.path, self.format, self.field, self.position = path, format, field, position
-        self._file = self._table = self._pq = None
+        self._file = self._pq = self._records = None
         if format == "jsonl":  # binary, so that tell() is a byte offset (gzip: uncompressed)
             self._file = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # noqa: SIM115
-            self._file.seek(position)
+            head = self._file.read(64)
+            while head and not head.strip():  # leading whitespace
+                head = self._file.read(64)
+            self._file.seek(0)
+            if head.strip().startswith(b"["):  # one JSON array of records, as files.py reads it
+                self._records = _load_json(self._file, path)
+                self._file.close()
+                self._file = None
+            else:
+                self._file.seek(position)
         elif format == "parquet":
             self._pq = pq.ParquetFile(path)
             names = self._pq.schema_arrow.names
@@ -52,8 +63,9 @@ class _Reader:
             sizes = [
                 self._pq.metadata.row_group(g).num_rows for g in range(self._pq.num_row_groups)
             ]
-            self._group_ends = np.cumsum(sizes)
-            self._group = -1
+            self._group_ends = np.cumsum(sizes, dtype=np.int64)
+            # rows [_first, _end) of the current batch: `_rows` (None for a batch skipped over)
+            self._batches, self._rows, self._first, self._end = None, None, 0, 0
 
     def read(self) -> str | None:
         text = self._read()
@@ -79,6 +91,18 @@ class _Reader:
                     f"{self.path} is not UTF-8 text (byte {e.start}): convert it (iconv -t utf-8) "
                     "or leave it out"
                 ) from None
+        if self.format == "jsonl" and self._records is not None:
+            at = self.position
+            if at >= len(self._records):
+                return None
+            self.position = at + 1
+            record = self._records[at]
+            if not isinstance(record, dict) or self.field not in record:
+                raise ValueError(
+                    f"{self.path} record {at + 1}: not a JSON object with a {self.field!r} "
+                    "field: fix the record or set data.field"
+                )
+            return record[self.field] or ""  # null: an empty document, skipped
         if self.format == "jsonl":
             while True:
                 at = self._file.tell()
@@ -95,16 +119,23 @@ class _Reader:
                     f"{self.path} at byte {at}: not a JSON object with a {self.field!r} field: "
                     "fix the line or set data.field"
                 ) from None
-        row = self.position  # parquet: one row group in memory at a time, one column
+        row = self.position  # parquet: one batch of rows of one column in memory at a time
         if row >= (self._group_ends[-1] if len(self._group_ends) else 0):
             return None
-        group = int(np.searchsorted(self._group_ends, row, side="right"))
-        if group != self._group:
-            table = self._pq.read_row_group(group, columns=[self.field])
-            self._table, self._group = table.column(0).to_pylist(), group
-        first = int(self._group_ends[group - 1]) if group else 0
+        if self._batches is None:  # from the row group holding `row`, batches read in order
+            group = int(np.searchsorted(self._group_ends, row, side="right"))
+            self._batches = self._pq.iter_batches(
+                batch_size=PARQUET_BATCH_ROWS,
+                row_groups=list(range(group, self._pq.num_row_groups)),
+                columns=[self.field],
+            )
+            self._first = self._end = int(self._group_ends[group - 1]) if group else 0
+        while row >= self._end:  # rows are read forward only; a resume skips whole batches
+            batch = next(self._batches)
+            self._first, self._end = self._end, self._end + batch.num_rows
+            self._rows = batch.column(0).to_pylist() if row < self._end else None
         self.position = row + 1
-        return self._table[row - first] or ""  # null: an empty document, skipped
+        return self._rows[row - self._first] or ""  # null: an empty document, skipped
 
     def close(self):
         for f in (self._file, self._pq):

@@ -85,6 +85,9 @@ def _prepared(cfg, batch_size, seed, shard) -> Dataset:
     train = kind(corpus, train_ids, cfg.seq_len, batch_size, seed, **shard)
     eval_arrays = None
     if len(eval_ids):
+        if cfg.num_eval:  # only the documents, in order, whose tokens fill num_eval rows
+            ends = np.cumsum(corpus.lengths[eval_ids] + 1)  # + eos
+            eval_ids = eval_ids[: int(np.searchsorted(ends, cfg.num_eval * (cfg.seq_len + 1))) + 1]
         docs = corpus.docs(eval_ids)
         eval_arrays = eval_rows(docs, corpus.eos_id, cfg.seq_len, cfg.packing, cfg.num_eval)
     m = corpus.manifest
@@ -98,13 +101,23 @@ def _token_file(cfg, paths, batch_size, seed, shard) -> Dataset:
         raise ValueError(f"data.path matches {len(paths)} token files: give exactly one")
     tokenizer = load_tokenizer(cfg.tokenizer or "bytes")
     train = TokenFileBatches(paths[0], cfg.token_dtype, cfg.seq_len, batch_size, seed, **shard)
+    _check_ids("data.path", train, tokenizer)
     eval_arrays = None
     if cfg.eval_path:
         held = TokenFileBatches(cfg.eval_path, cfg.token_dtype, cfg.seq_len, 1, seed)
+        _check_ids("data.eval_path", held, tokenizer)
         limit = cfg.num_eval or None
         rows = [b for b, _ in held.eval_batches(limit or held.num_tokens, max_batches=1)]
         eval_arrays = rows[0] if rows else None
     return _dataset(train, eval_arrays, cfg, tokenizer, tokens=train.num_tokens)
+
+
+def _check_ids(key: str, tokens: TokenFileBatches, tokenizer: Tokenizer) -> None:
+    if tokens.max_id >= tokenizer.vocab_size:  # e.g. a GPT-2 .bin read with the bytes tokenizer
+        raise ValueError(
+            f"{key} ids reach {tokens.max_id} but data.tokenizer has {tokenizer.vocab_size} ids: "
+            "set data.tokenizer= the file's tokenizer"
+        )
 
 
 def _streamed(cfg, paths, fmt, batch_size, seed, shard) -> Dataset:

@@ -12,6 +12,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from jaxnv.serve.engine import MAX_SEED, RequestError, SamplingParams
 
+MAX_STOPS = 4  # stop strings per request (OpenAI's limit)
+MAX_STOP_CHARS = 256  # characters per stop string
+MAX_PROMPTS = 32  # prompts per request
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -79,6 +83,16 @@ def parse_request(body: bytes) -> CompletionRequest:
         raise RequestError(f"'{loc}': {err['msg']}", loc or None) from None
     if not req.prompts() or any(len(p) == 0 for p in req.prompts()):
         raise RequestError("'prompt' must be a non-empty text or list of token ids", "prompt")
+    if len(req.prompts()) > MAX_PROMPTS:
+        raise RequestError(f"'prompt' holds {len(req.prompts())} prompts, over the limit of "
+                           f"{MAX_PROMPTS} per request: split it", "prompt")  # fmt: skip
+    stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    if len(stops) > MAX_STOPS:
+        raise RequestError(f"'stop' holds {len(stops)} strings, over the limit of {MAX_STOPS}",
+                           "stop")  # fmt: skip
+    if any(len(stop) > MAX_STOP_CHARS for stop in stops):
+        raise RequestError(f"'stop' strings must be at most {MAX_STOP_CHARS} characters long",
+                           "stop")  # fmt: skip
     unsupported = {"n": req.n != 1, "best_of": req.best_of not in (None, 1), "echo": req.echo,
                    "logprobs": req.logprobs is not None}  # fmt: skip
     for name, given in unsupported.items():

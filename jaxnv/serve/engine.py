@@ -22,6 +22,7 @@ threads: the server owns those.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -348,10 +349,41 @@ class Engine:
         ready = len(full)
         if finish is None:  # hold back an incomplete character and a possible stop's start
             ready = len(full.rstrip("\ufffd"))
-            starts = [k for stop in s.sampling.stop for k in range(1, len(stop))
-                      if full[:ready].endswith(stop[:k])]  # fmt: skip
-            ready -= max(starts, default=0)
+            tail = full[:ready]
+            ready -= max((_overlap(tail, stop) for stop in s.sampling.stop), default=0)
         if not full.startswith(s.sent) or ready <= len(s.sent):
             return "", finish  # nothing new (or a tokenizer that rewrote its prefix)
         delta, s.sent = full[len(s.sent) : ready], full[:ready]
         return delta, finish
+
+
+def _overlap(text: str, stop: str) -> int:
+    """The length of the longest end of `text` that begins `stop` (shorter than `stop`): the
+    text to hold back. O(len(stop)) per call (KMP over the last len(stop) - 1 characters), not
+    one comparison per prefix length."""
+    if len(stop) < 2:
+        return 0
+    window = text[len(text) - len(stop) + 1 :] if len(text) >= len(stop) else text
+    start = window.find(stop[0])
+    if start < 0:
+        return 0
+    fail, k = _failure(stop), 0
+    for ch in window[start:]:
+        while k and stop[k] != ch:
+            k = fail[k - 1]
+        if stop[k] == ch:
+            k += 1
+    return k
+
+
+@functools.lru_cache(maxsize=256)
+def _failure(stop: str) -> tuple[int, ...]:
+    """KMP's failure function of `stop`: for each prefix, its longest proper border."""
+    fail, k = [0] * len(stop), 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = fail[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        fail[i] = k
+    return tuple(fail)

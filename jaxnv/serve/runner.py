@@ -5,6 +5,7 @@ token to its request, keeps the Prometheus instruments. The only place the engin
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from collections import deque
@@ -13,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from jaxnv.serve.engine import Engine, Event, SamplingParams
 
+log = logging.getLogger("jaxnv.serve")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -54,6 +56,7 @@ class Runner:
         self._cancelled: set[str] = set()
         self._running: dict[str, Job] = {}
         self._stop = False
+        self.failure: str | None = None  # why the engine last failed (`/health` reports it)
         self._thread = threading.Thread(target=self._loop, name="jaxnv-engine", daemon=True)
 
     def start(self) -> None:
@@ -115,10 +118,15 @@ class Runner:
             self.metrics.active_slots.set(engine.active)
 
     def _guard(self, fn) -> list[Event]:
-        """Run an engine call; a failure fails every running job (the server keeps serving)."""
+        """Run an engine call; a failure fails every running job and is kept in `failure`
+        (`/health` answers 503 from then on; the server keeps trying the requests that come)."""
         try:
             return fn()
         except Exception as e:  # noqa: BLE001 (reported to the clients as a 500)
+            log.error("the engine failed; its %d running requests fail", len(self._running),
+                      exc_info=e)  # fmt: skip
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            self.failure = f"the engine failed at {when} ({type(e).__name__}): see the server log"
             for rid, job in list(self._running.items()):
                 self.engine.cancel(rid)
                 job.deliver(e)

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import secrets
 import socket
 import threading
@@ -33,6 +34,7 @@ from jaxnv.serve.engine import Engine, RequestError
 from jaxnv.serve.runner import Job, Metrics, Runner
 
 MAX_BODY_BYTES = 1 << 20
+log = logging.getLogger("jaxnv.serve")
 
 
 class APIError(Exception):
@@ -87,7 +89,12 @@ def make_app(engine: Engine, tokenizer, *, model_name: str = "jaxnv", api_key: s
 
     @app.exception_handler(Exception)
     async def _internal(request, e: Exception):
-        return fail(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+        # the traceback goes to the server's log; the client learns nothing of the internals
+        error_id = secrets.token_hex(6)
+        log.error("internal error %s on %s %s", error_id, request.method, request.url.path,
+                  exc_info=e)  # fmt: skip
+        return fail(APIError(500, f"internal server error (id {error_id}): see the server log",
+                             "server_error"))  # fmt: skip
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -99,6 +106,8 @@ def make_app(engine: Engine, tokenizer, *, model_name: str = "jaxnv", api_key: s
 
     @app.get("/health")
     async def health():
+        if runner.failure is not None:
+            return JSONResponse({"status": "error", "reason": runner.failure}, 503)
         return {"status": "ok", "active_slots": engine.active}
 
     @app.get("/metrics")
@@ -135,6 +144,10 @@ def make_app(engine: Engine, tokenizer, *, model_name: str = "jaxnv", api_key: s
         if req.model is not None and req.model != model_name:
             raise APIError(404, f"model {req.model!r} does not exist: use {model_name!r}",
                            param="model", code="model_not_found")  # fmt: skip
+        if len(req.prompts()) > runner.max_queue:  # would be a 503 that never succeeds
+            raise APIError(400, f"'prompt' holds {len(req.prompts())} prompts but the server "
+                           f"queues at most {runner.max_queue}: split the request",
+                           param="prompt")  # fmt: skip
         jobs, queue = _jobs(req, engine, tokenizer)
         if not runner.submit(jobs):
             raise APIError(503, "the server is at capacity: retry later", "server_overloaded",
@@ -190,8 +203,7 @@ async def _events(jobs, queue, runner: Runner):
         while open_:
             index, item = await queue.get()
             if isinstance(item, Exception):
-                raise APIError(500, f"the engine failed: {type(item).__name__}: {item}",
-                               "server_error")  # fmt: skip
+                raise APIError(500, "the engine failed: see the server log", "server_error")
             if item.finish_reason is not None:
                 open_.discard(index)
             yield index, item
@@ -254,7 +266,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise OSError(
+        raise ValueError(
             f"cannot listen on {host}:{port} ({e.strerror}): choose another --port"
         ) from None
     sock.listen(2048)
