@@ -116,6 +116,17 @@ class StepBatches:
         rows = self._gather(idx)  # (k * per, ...); each step's batch is a contiguous view
         return [{key: v[i * per : (i + 1) * per] for key, v in rows.items()} for i in range(k)]
 
+    def local_steps(self, start: int, n: int) -> Arrays:
+        """This process's rows of steps `start, ..., start + n - 1` by one gather: the step's
+        batch for n = 1, else the n batches stacked `(n, rows, ...)` (one compiled call's)."""
+        b, per = self.batch_size, self.batch_size // self.process_count
+        idx = self._positions(start * b, (start + n) * b).reshape(n, b)
+        idx = idx[:, self.process_index * per : (self.process_index + 1) * per]  # (n, per)
+        rows = self._gather(idx.reshape(-1))  # {key: (n * per, ...)}
+        if n == 1:
+            return rows
+        return {key: v.reshape(n, per, *v.shape[1:]) for key, v in rows.items()}
+
     def _local_stack(self, start: int, stop: int) -> Arrays:
         """The batches of `_local_run(start, stop)` stacked on a last axis: `(per, ..., k)`."""
         b, k = self.batch_size, stop - start
