@@ -149,13 +149,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# gloo's connection reports, one per process pair and collective group: noise, not news
-_CHATTER = re.compile(r"^\[Gloo\] Rank \d+ is connected to \d+ peer ranks")
+# gloo's connection reports, one per process pair and collective group: noise, not news. gloo
+# writes each in pieces from several threads, so two reports can interleave mid-line: a line
+# made only of those pieces is chatter, whatever their order.
+_CHATTER = re.compile(
+    r"^(?:\s|\[Gloo\] Rank |\d+| is connected to | peer ranks\. Expected number of connected "
+    r"peer ranks is : ?)+$"
+)
+
+
+def is_chatter(line: str) -> bool:
+    """Whether `line` holds only (pieces of) gloo's "Rank i is connected to n peer ranks"."""
+    pieces = ("[Gloo]", "is connected to", "peer ranks")
+    return any(p in line for p in pieces) and bool(_CHATTER.match(line))
 
 
 def _stream(proc: subprocess.Popen, prefix: str) -> None:
     for line in iter(proc.stdout.readline, ""):
-        if _CHATTER.match(line):
+        if is_chatter(line):
             continue
         sys.stdout.write(f"{prefix}{line}")
         sys.stdout.flush()
