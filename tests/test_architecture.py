@@ -20,6 +20,7 @@ LAYERS = [
     "serve",
     "info",
     "errors",
+    "cli_experiment",  # train, eval, export, predict: the commands cli.py's parser dispatches to
     "cli_text",  # the language-model subcommands, added to the parser by cli.py
     "cli",
 ]
