@@ -129,7 +129,7 @@ def test_finetune_lm_lora_keeps_the_base_and_exports_to_transformers(checkpoint,
     lm = load_lm(workdir)  # rebuilt from model.init_from, adapters from the checkpoint
     hf = load_file(os.path.join(checkpoint["dir"], "model.safetensors"))
     base = {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(lm.model_state)}
-    q = np.asarray(base["blocks/0/attn/wqkv"])[:, :, :G].reshape(D, -1)  # (D, N * H)
+    q = np.asarray(base["blocks/attn/wqkv"])[0, :, :, :G].reshape(D, -1)  # layer 0: (D, N * H)
     np.testing.assert_array_equal(q.T, hf["model.layers.0.self_attn.q_proj.weight"])
     from flax import nnx
 

@@ -141,9 +141,9 @@ def test_generate_with_params_sharded_on_a_mesh():
         return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
 
     sharded = jax.tree_util.tree_map_with_path(place, params)
-    wqkv = sharded["blocks"][0]["attn"]["wqkv"]
-    assert wqkv.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None, None)
-    assert wqkv.addressable_shards[0].data.shape == (16, 1, 4, 8)
+    wqkv = sharded["blocks"]["attn"]["wqkv"]  # (L, D, K, G+2, H): all layers stacked
+    assert wqkv.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None, None)
+    assert wqkv.addressable_shards[0].data.shape == (wqkv.shape[0], 16, 1, 4, 8)
     got = generate(graphdef, sharded, PROMPTS, 5, temperature=0.0)
     for a, b in zip(want, got, strict=True):
         np.testing.assert_array_equal(a, b)

@@ -68,7 +68,8 @@ def test_only_the_adapters_train_and_merge_folds_them_in():
     per_layer = r * (D + K * (G + 2) * H) + r * (N * H + D) + r * (D + 2 * F) + r * (F + D)
     assert result.summary["params"] == L * per_layer
     params = flat(result.state.params)
-    assert all("_lora/" in p for p in params) and len(params) == 2 * len(ALL) * L
+    assert all("_lora/" in p for p in params) and len(params) == 2 * len(ALL)  # A, B each
+    assert all(x.shape[0] == L for x in params.values())  # stacked: one adapter per layer
     # optimizer state: adam's two moments of the adapters and a count, nothing of the base
     opt_bytes = sum(x.nbytes for x in jax.tree.leaves(result.state.opt_state))
     adapter_bytes = sum(x.nbytes for x in params.values())
@@ -109,11 +110,10 @@ def test_lora_gradient_equals_a_hand_written_merged_forward():
         for i in range(L):
             for part, names in (("attn", ("wqkv", "wo")), ("mlp", ("w_gate_up", "w_down"))):
                 for name in names:
-                    ab = a["blocks"][i][part][name + "_lora"]
-                    w = weights["blocks"][i][part][name]
-                    weights["blocks"][i][part][name] = w + scale * jnp.einsum(
-                        forms[name], ab["a"], ab["b"]
-                    )
+                    ab = a["blocks"][part][name + "_lora"]  # stacked: layer i at [i]
+                    w = weights["blocks"][part][name]
+                    delta = scale * jnp.einsum(forms[name], ab["a"][i], ab["b"][i])
+                    weights["blocks"][part][name] = w.at[i].add(delta)
         return lm_loss(nnx.merge(plain_graphdef, weights), batch, None)
 
     def adapted(adapters):
@@ -179,7 +179,7 @@ def test_fsdp_curve_equals_one_device_and_bf16_keeps_fp32_adapters():
     sharded = run(lora, steps=3, mesh={"fsdp": 8}, rules="fsdp")
     losses = [[r["loss"] for r in x.history if r["split"] == "train"] for x in (one, sharded)]
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
-    wqkv = sharded.state.model_state["blocks"][0]["attn"]["wqkv"]
+    wqkv = sharded.state.model_state["blocks"]["attn"]["wqkv"]
     assert "fsdp" in str(wqkv.sharding.spec)  # the frozen base is sharded like a param
 
     bf16 = run(lora, steps=3, mesh={"fsdp": 8}, rules="fsdp", precision="bf16")
@@ -187,7 +187,7 @@ def test_fsdp_curve_equals_one_device_and_bf16_keeps_fp32_adapters():
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
     moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]
     assert moments and {x.dtype for x in moments} == {jnp.dtype(jnp.float32)}
-    base = [state.model_state["blocks"][0]["attn"][n] for n in ("wqkv", "wo")]
+    base = [state.model_state["blocks"]["attn"][n] for n in ("wqkv", "wo")]
     assert {x.dtype for x in base} == {jnp.dtype(jnp.bfloat16)}
     got = [r["loss"] for r in bf16.history if r["split"] == "train"]
     np.testing.assert_allclose(got, losses[0], rtol=2e-2)
@@ -209,3 +209,30 @@ def test_bad_lora_settings_are_one_line(lora, model, needle):
     with pytest.raises(ValueError) as err:
         fit(model, lm_loss, [data], steps=1, lora=lora, progress=False, tensorboard=False)
     assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_adapter_dropout_draws_new_masks_per_layer_and_call():
+    """The stacked adapters keep one dropout stream a layer: in train mode each call advances
+    every layer's stream (two calls differ), eval mode is deterministic, and a pipeline refuses
+    it in one line."""
+    cfg = LoRAConfig(rank=2, targets=("wqkv",), dropout=0.5)
+    model = apply_lora(transformer(nnx.Rngs(0)), cfg, rngs=nnx.Rngs(1))
+    adapter = model.blocks.attn.wqkv_lora
+    adapter.b[...] = jax.random.normal(jax.random.PRNGKey(3), adapter.b.shape)  # B matters
+    assert adapter.rngs.dropout.key.shape == (L,) and adapter.rngs.dropout.count.shape == (L,)
+    tokens = jnp.asarray(batches(1)[0]["x"])
+    model.train()
+    first, second = model(tokens), model(tokens)
+    assert np.abs(np.asarray(first - second)).max() > 1e-3
+    np.testing.assert_array_equal(np.asarray(adapter.rngs.dropout.count[...]), [2] * L)
+    model.eval()
+    np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(model(tokens)))
+
+    from jaxnv.parallel import MeshConfig, make_mesh
+    from jaxnv.parallel.pipeline import Pipeline
+
+    model.train()
+    model.pipeline = Pipeline(2)
+    with jax.set_mesh(make_mesh(MeshConfig(stage=2, data=1), jax.devices()[:2])):
+        with pytest.raises(ValueError, match="lora.dropout needs mesh.stage=1"):
+            model(tokens)

@@ -119,9 +119,10 @@ def test_golden_transformer_tp_table():
     wqkv = next(k for k in table if k.endswith("wqkv"))
     wo = next(k for k in table if k.endswith("wo"))
     gate_up = next(k for k in table if k.endswith("w_gate_up"))
-    assert table[wqkv] == P(None, "tensor", None, None)  # kv groups split: column-parallel
-    assert table[gate_up] == P(None, None, "tensor")  # mlp split: column-parallel
-    assert table[wo] == P("tensor", None, None)  # row-parallel back to embed
+    # the blocks' params are stacked: a leading layer axis, whole without a stage axis
+    assert table[wqkv] == P(None, None, "tensor", None, None)  # kv groups split: column-parallel
+    assert table[gate_up] == P(None, None, None, "tensor")  # mlp split: column-parallel
+    assert table[wo] == P(None, "tensor", None, None)  # row-parallel back to embed
     emb = next(k for k in table if "embed" in k and table[k] != P(None))
     assert table[emb][0] == "tensor"  # vocabulary (padded to 128) split over tensor
 

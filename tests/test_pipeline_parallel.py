@@ -167,16 +167,24 @@ def test_resume_from_stage4_onto_stage1_and_back(tmp_path):
         rows = [json.loads(line) for line in f]
     by_step = {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
     np.testing.assert_allclose([by_step[s] for s in range(1, 21)], straight, rtol=1e-5)
+    wqkv = final.state.params["blocks"]["attn"]["wqkv"]  # (L, ...): each device its stage's
+    assert {s.data.shape[0] for s in wqkv.addressable_shards} == {wqkv.shape[0] // 4}
 
 
 def test_report_shows_bubble_per_stage_memory_and_stage_traffic():
-    from jaxnv.parallel.report import format_report
+    from jaxnv.parallel.report import _size, format_report
 
     run = build(_exp("mesh.stage=4", "mesh.data=2", "train.pipeline_microbatches=8"),
                 abstract=True)  # fmt: skip
     text = format_report(run)
     assert f"bubble (S-1)/(M*R+S-1) = {3 / 11:.1%}" in text
-    assert "11 iterations" in text and "replicated over stage" in text
+    assert "11 iterations" in text
+    # the stacked blocks are split over the 4 stages: each device stores a quarter of them
+    table = {path: spec for path, _, _, spec in run.plan.table}
+    assert table["blocks/attn/wqkv"][0] == "stage" and table["embedding"][:1] != ("stage",)
+    full = sum(int(np.prod(shape)) * 4 for path, _, shape, _ in run.plan.table
+               if path.startswith("blocks/"))  # fmt: skip
+    assert f"{_size(full / 4)}: its 1/4 of the blocks" in text, text
     # activation per device: 16 rows / data 2 = 8 rows x 16 tokens x 32 wide x 4 bytes
     act = 8 * 16 * 32 * 4
     assert stage_bytes(act, 4, 8)["forward"] == 11 * act / 8

@@ -250,16 +250,16 @@ def test_logical_axis_names(model):
     specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(model, nnx.Param)))
     flat = {jax.tree_util.keystr(k): tuple(v) for k, v in jax.tree_util.tree_leaves_with_path(
         specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))}  # fmt: skip
-    assert len(flat) == 1 + 2 * 6 + 1
+    assert len(flat) == 1 + 6 + 1  # the blocks' params stacked: one array each for all layers
     for path, names in flat.items():
         assert names and set(names) - {None}, path
         named = [n for n in names if n is not None]
         assert len(set(named)) == len(named), path
     assert flat["['embedding']"] == ("vocab", "embed")
-    assert flat["['blocks'][0]['attn']['wqkv']"] == ("embed", "heads", None, "kv")
-    assert flat["['blocks'][0]['mlp']['w_gate_up']"] == ("embed", None, "mlp")
-    assert flat["['blocks'][1]['attn']['wo']"] == ("heads", "kv", "embed")
-    assert flat["['blocks'][0]['mlp']['w_down']"] == ("mlp", "embed")
+    assert flat["['blocks']['attn']['wqkv']"] == ("layers", "embed", "heads", None, "kv")
+    assert flat["['blocks']['mlp']['w_gate_up']"] == ("layers", "embed", None, "mlp")
+    assert flat["['blocks']['attn']['wo']"] == ("layers", "heads", "kv", "embed")
+    assert flat["['blocks']['mlp']['w_down']"] == ("layers", "mlp", "embed")
     assert flat["['final_norm']['scale']"] == ("embed",)
 
 

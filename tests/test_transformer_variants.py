@@ -117,7 +117,7 @@ def reference_logits(model, tokens, positions):
         return np.concatenate([t1 * cos - t2 * sin, t2 * cos + t1 * sin], -1)
 
     for i in range(kw["num_layers"]):
-        blk = p["blocks"][i]
+        blk = jax.tree.map(lambda a, i=i: a[i], p["blocks"])  # layer i of the stacked blocks
         a = blk["attn"]
         qkv = np.einsum("btd,dkgh->btkgh", _norm(x, blk["attn_norm"], kw["norm"], eps), a["wqkv"])
         qkv = qkv + a.get("bqkv", 0.0)
@@ -186,18 +186,19 @@ def test_param_layout_is_the_importer_contract():
         for v in ("llama", "gpt2")
     }
     llama, gpt2 = shapes["llama"], shapes["gpt2"]
-    blk = "['blocks'][0]"
-    assert llama[f"{blk}['attn']['wqkv']"] == ((32, 2, 4, 16), ("embed", "heads", None, "kv"))
-    assert llama[f"{blk}['attn']['wo']"] == ((4, 16, 32), ("heads", "kv", "embed"))
+    blk = "['blocks']"  # stacked: a leading "layers" axis of L = 2
+    wqkv = ((2, 32, 2, 4, 16), ("layers", "embed", "heads", None, "kv"))
+    assert llama[f"{blk}['attn']['wqkv']"] == wqkv
+    assert llama[f"{blk}['attn']['wo']"] == ((2, 4, 16, 32), ("layers", "heads", "kv", "embed"))
     assert llama["['head']"] == ((32, 128), ("embed", "vocab"))
-    assert llama[f"{blk}['mlp']['w_gate_up']"] == ((32, 2, 64), ("embed", None, "mlp"))
+    assert llama[f"{blk}['mlp']['w_gate_up']"] == ((2, 32, 2, 64), ("layers", "embed", None, "mlp"))
     assert gpt2["['pos_embedding']"] == ((SEQ, 32), (None, "embed"))
-    assert gpt2[f"{blk}['attn']['bqkv']"] == ((2, 3, 16), ("heads", None, "kv"))
-    assert gpt2[f"{blk}['attn']['bo']"] == ((32,), ("embed",))
-    assert gpt2[f"{blk}['mlp']['w_up']"] == ((32, 64), ("embed", "mlp"))
-    assert gpt2[f"{blk}['mlp']['b_up']"] == ((64,), ("mlp",))
-    assert gpt2[f"{blk}['mlp']['b_down']"] == ((32,), ("embed",))
-    assert gpt2[f"{blk}['attn_norm']['bias']"] == ((32,), ("embed",))
+    assert gpt2[f"{blk}['attn']['bqkv']"] == ((2, 2, 3, 16), ("layers", "heads", None, "kv"))
+    assert gpt2[f"{blk}['attn']['bo']"] == ((2, 32), ("layers", "embed"))
+    assert gpt2[f"{blk}['mlp']['w_up']"] == ((2, 32, 64), ("layers", "embed", "mlp"))
+    assert gpt2[f"{blk}['mlp']['b_up']"] == ((2, 64), ("layers", "mlp"))
+    assert gpt2[f"{blk}['mlp']['b_down']"] == ((2, 32), ("layers", "embed"))
+    assert gpt2[f"{blk}['attn_norm']['bias']"] == ((2, 32), ("layers", "embed"))
     assert gpt2["['final_norm']['bias']"] == ((32,), ("embed",))
     assert not any("bias" in k or "pos_" in k or "b_" in k for k in llama)
     assert not any("w_gate_up" in k or "head" in k for k in gpt2)

@@ -12,6 +12,7 @@ Only `safetensors` (numpy) and `tokenizers` are used; PyTorch pickles are refuse
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ from safetensors.numpy import save_file
 from jaxnv.checkpoint import hf_tables as tables
 from jaxnv.core.precision import Policy, get_policy
 from jaxnv.core.state import TrainState, abstract_model
+from jaxnv.models.sharding import LAYER_AXIS
 from jaxnv.models.transformer import Transformer
 from jaxnv.parallel.mesh import MeshConfig, logical_axes, make_mesh, make_plan, path_names
 
@@ -152,13 +154,19 @@ def load(path, *, policy=None, mesh=None, rules="fsdp", dtype=None, max_seq_len=
         mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
     abstract = abstract_model(_builder(kwargs, policy))
     shardings = _shardings(abstract, mesh, rules)
-    targets = {
+    names = logical_axes(abstract)
+    params = {
         path_names(p): jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[path_names(p)])
         for p, x in jax.tree_util.tree_leaves_with_path(
             nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
         )
     }
-    names = logical_axes(abstract)
+    # the tables name each layer's params ("blocks", "i", ...); the model stacks them
+    L = kwargs["num_layers"]
+    targets = _per_layer(params, _layer_target, L)
+    stacked_names = {p: n for p, n in names.items() if n[:1] == (LAYER_AXIS,)}
+    names.update(_per_layer(stacked_names, lambda n, i: n[1:], L))
+    stacks: dict[tuple[str, ...], jax.Array] = {}
 
     table = tables.tensor_table(arch, kwargs)
     by_name = {name: entry for entry in table for name in entry.names}
@@ -183,12 +191,26 @@ def load(path, *, policy=None, mesh=None, rules="fsdp", dtype=None, max_seq_len=
                 logical = names.get(entry.path) or (None,) * len(want.shape)
                 placed[entry.path] = _place(entry, arrays, where, want, logical)
                 del arrays  # before the next file is read
+                if _is_layer(entry.path):  # into its stack at once: one layer's copy at a time
+                    stacked = (entry.path[0], *entry.path[2:])
+                    full = params[stacked]
+                    if stacked not in stacks:  # zeros made on the host shard by shard
+                        stacks[stacked] = jax.make_array_from_callback(
+                            full.shape, full.sharding,
+                            lambda index, full=full: np.zeros(_shard_shape(index, full.shape),
+                                                              full.dtype))  # fmt: skip
+                    i = np.int32(entry.path[1])  # traced: one compilation for all layers
+                    with jax.set_mesh(full.sharding.mesh):  # not a caller's mesh in context
+                        stacks[stacked] = _insert(full.sharding)(stacks[stacked],
+                                                                 placed[entry.path], i)  # fmt: skip
+                    placed[entry.path] = None  # its stack holds it now
     missing = [n for e in table if e.path not in placed for n in e.names if n not in where]
     if missing:
         raise ValueError(
             f"{len(missing)} tensors are missing from {path} (first: {', '.join(missing[:3])}): "
             "the weights do not match their config.json, or shards are missing"
         )
+    placed.update(stacks)
     state = nnx.state(abstract, nnx.Param)
     pure = jax.tree_util.tree_map_with_path(
         lambda p, _: placed[path_names(p)], nnx.to_pure_dict(state)
@@ -226,9 +248,51 @@ def _place(entry, arrays, where, want, names) -> jax.Array:
     return jax.make_array_from_callback(want.shape, want.sharding, piece)
 
 
+def _is_layer(path: tuple[str, ...]) -> bool:
+    """Whether `path` names one layer's param, ("blocks", "i", ...), as the tables do."""
+    return len(path) > 2 and path[0] == "blocks" and path[1].isdigit()
+
+
+def _per_layer(tree: dict, layer_of, num_layers: int) -> dict:
+    """`tree` (paths -> values) with each stacked ("blocks", ...) entry x replaced by one entry
+    ("blocks", "i", ...) a layer, holding `layer_of(x, i)`."""
+    out = {}
+    for path, x in tree.items():
+        if path[0] != "blocks":
+            out[path] = x
+            continue
+        for i in range(num_layers):
+            out[(path[0], str(i), *path[1:])] = layer_of(x, i)
+    return out
+
+
+def _layer_target(want: jax.ShapeDtypeStruct, i: int) -> jax.ShapeDtypeStruct:
+    """One layer of a stacked param: its shape and sharding without the layer axis."""
+    spec = jax.sharding.PartitionSpec(*tuple(want.sharding.spec)[1:])
+    sharding = jax.sharding.NamedSharding(want.sharding.mesh, spec)
+    return jax.ShapeDtypeStruct(want.shape[1:], want.dtype, sharding=sharding)
+
+
+def _shard_shape(index, shape) -> tuple[int, ...]:
+    return tuple(len(range(*s.indices(n))) for s, n in zip(index, shape, strict=True))
+
+
+@functools.cache
+def _insert(sharding):
+    """stack, layer, i -> the stack with layer i replaced, in place (the stack is donated)."""
+
+    def insert(stack, layer, i):
+        return jax.lax.dynamic_update_index_in_dim(stack, layer.astype(stack.dtype), i, 0)
+
+    return jax.jit(insert, out_shardings=sharding, donate_argnums=0)
+
+
 def _param_tree(model) -> dict[tuple[str, ...], jax.Array]:
+    """The model's params by path, a stacked param as one entry a layer (as the tables name
+    them)."""
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {path_names(p): x for p, x in jax.tree_util.tree_leaves_with_path(pure)}
+    tree = {path_names(p): x for p, x in jax.tree_util.tree_leaves_with_path(pure)}
+    return _per_layer(tree, lambda x, i: x[i], model.num_layers)
 
 
 def export_kwargs(model: Transformer) -> dict:
@@ -237,7 +301,7 @@ def export_kwargs(model: Transformer) -> dict:
     D, K, G2, H = params[("blocks", "0", "attn", "wqkv")].shape
     gated = ("blocks", "0", "mlp", "w_gate_up") in params
     kw = dict(
-        vocab_size=model.vocab_size, num_layers=len(model.blocks), num_heads=K * (G2 - 2),
+        vocab_size=model.vocab_size, num_layers=model.num_layers, num_heads=K * (G2 - 2),
         embed_dim=D, mlp_dim=params[("blocks", "0", "mlp", "w_down")].shape[0],
         max_seq_len=model.max_seq_len, tie_embeddings=("head",) not in params, num_kv_heads=K,
         head_dim=H, position="learned" if ("pos_embedding",) in params else "rope",

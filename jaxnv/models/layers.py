@@ -159,11 +159,12 @@ class Attention(nnx.Module):
 
     def __init__(self, embed_dim, num_heads, num_kv_heads, head_dim, *, rope=True,
                  rope_theta=10000.0, rope_scaling=None, qkv_bias=False, out_bias=False,
-                 out_std, policy, rngs):  # fmt: skip
+                 out_std, policy, rngs, implementation="auto"):  # fmt: skip
         D, N, K, H = embed_dim, num_heads, num_kv_heads, head_dim
         G = N // K
         self.policy, self.num_heads, self.num_kv_heads = policy, N, K
         self.rope, self.rope_theta = rope, rope_theta
+        self.implementation = implementation  # auto | xla | cudnn
         # a tuple, not a dict: static module data must be hashable
         self.rope_scaling = None if rope_scaling is None else tuple(sorted(rope_scaling.items()))
         dtype = policy.param_dtype

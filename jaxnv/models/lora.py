@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxnv.models.sharding import LAYER_AXIS
+
 # target name -> how many leading axes of W are its input (contracted with x)
 TARGETS = {"wqkv": 1, "wo": 2, "w_gate_up": 1, "w_up": 1, "w_down": 1}
 SUFFIX = "_lora"
@@ -40,14 +42,24 @@ class LoRA(nnx.Module):
                  dropout: float, dtype, rngs: nnx.Rngs):  # fmt: skip
         shape = tuple(weight.shape)
         names = weight.get_metadata().get("out_sharding") or (None,) * len(shape)
+        # a stacked weight (L, in..., out...) of the transformer's blocks gets stacked adapters,
+        # one per layer: (L, in..., r) and (L, r, out...)
+        lead = 1 if names and names[0] == LAYER_AXIS else 0
+        layers, names, shape = shape[:lead], names[lead:], shape[lead:]
         fan_in = math.prod(shape[:in_axes])
-        a = jax.random.normal(rngs.params(), (*shape[:in_axes], rank), dtype)
-        self.a = nnx.LoRAParam(a / math.sqrt(fan_in), out_sharding=(*names[:in_axes], None))
-        b = jnp.zeros((rank, *shape[in_axes:]), dtype)
-        self.b = nnx.LoRAParam(b, out_sharding=(None, *names[in_axes:]))
+        a = jax.random.normal(rngs.params(), (*layers, *shape[:in_axes], rank), dtype)
+        names_a, names_b = (*names[:in_axes], None), (None, *names[in_axes:])
+        lead_names = (LAYER_AXIS,) * lead
+        self.a = nnx.LoRAParam(a / math.sqrt(fan_in), out_sharding=(*lead_names, *names_a))
+        b = jnp.zeros((*layers, rank, *shape[in_axes:]), dtype)
+        self.b = nnx.LoRAParam(b, out_sharding=(*lead_names, *names_b))
         self.in_axes, self.scale, self.rate = in_axes, alpha / rank, dropout
         self.deterministic = True  # eval until the train step's model.train()
         self.rngs = nnx.Rngs(dropout=rngs.dropout()) if dropout else None
+        if dropout and lead:  # a stream a layer: each layer's slice is then a plain adapter
+            stream = self.rngs.dropout
+            stream.key.set_value(jax.random.split(stream.key[...], layers[0]))
+            stream.count.set_value(jnp.zeros(layers, stream.count[...].dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.rate and not self.deterministic:
@@ -57,9 +69,14 @@ class LoRA(nnx.Module):
         return jnp.tensordot(h * self.scale, self.b[...].astype(x.dtype), 1)  # (..., out...)
 
     def delta(self) -> jax.Array:
-        """scale * A @ B in W's shape, in float32."""
+        """scale * A @ B in W's shape (stacked: one product a layer), in float32."""
         a, b = self.a[...].astype(jnp.float32), self.b[...].astype(jnp.float32)
-        return self.scale * jnp.tensordot(a, b, 1)
+        lead = a.ndim - 1 - self.in_axes  # 1 for stacked adapters
+        if not lead:
+            return self.scale * jnp.tensordot(a, b, 1)
+        L, r = a.shape[0], a.shape[-1]
+        ab = jnp.matmul(a.reshape(L, -1, r), b.reshape(L, r, -1))  # (L, in, out)
+        return self.scale * ab.reshape(L, *a.shape[1:-1], *b.shape[2:])
 
 
 def adapted(module: nnx.Module, name: str, x: jax.Array, y: jax.Array) -> jax.Array:

@@ -6,6 +6,10 @@ import functools
 
 from flax import nnx
 
+# the logical name of a stacked module's leading layer axis (the transformer's blocks); the
+# sharding plan splits it over the mesh's pipeline `stage` axis when there is one
+LAYER_AXIS = "layers"
+
 
 def unsharded_init(init):
     """Wrap a model's `__init__` so that its params, which carry logical axis names, are created

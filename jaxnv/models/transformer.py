@@ -15,6 +15,11 @@ V padded vocab, L cache length. Matmuls run in `policy.compute_dtype`; norms, Ro
 softmax and sampling in float32. Attention is `jax.nn.dot_product_attention`, whose XLA
 implementation computes the q.k logits and the softmax in float32 even for bf16/fp16 inputs.
 
+The blocks are stored stacked: `model.blocks` is one `Block` whose params carry a leading
+(L,) axis named "layers" (`blocks/attn/wqkv` is (L, D, K, G+2, H)); `layer(model.blocks, i)`
+gives block i. The remat scan runs over the stack as it is, and a pipeline's `stage` mesh axis
+splits it, so each stage holds only its own layers.
+
 Decoding is functional: `model.init_cache(B, L)` returns {"layers": [{"k", "v"} (B, L, K, H) per
 layer], "valid": (B, L) bool}; `model.decode(tokens, cache, index, positions, valid)` writes the
 new keys/values at slot `index` and returns `(logits, cache)`. Slots marked invalid (the padding
@@ -42,7 +47,7 @@ from jaxnv.models.layers import (
     param,
     rms_norm,
 )
-from jaxnv.models.sharding import unsharded_init
+from jaxnv.models.sharding import LAYER_AXIS, unsharded_init
 
 REMAT_POLICIES = {
     "none": None,
@@ -133,6 +138,47 @@ def batch_sharded(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(("data", "fsdp")))
 
 
+def stack_layers(modules) -> nnx.Module:
+    """One module of `modules`' structure whose variables hold theirs stacked on a leading
+    `LAYER_AXIS` axis (L, ...): one array per param for all layers, which a scan runs over and
+    the pipeline splits over its stages."""
+    graphdef = nnx.graphdef(modules[0])
+    states = [nnx.state(m) for m in modules]
+    module = nnx.merge(graphdef, jax.tree.map(lambda *layers: jnp.stack(layers), *states))
+    for _, var in nnx.iter_graph(module):
+        names = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Variable) else None
+        if names is not None:
+            var.set_metadata(out_sharding=(LAYER_AXIS, *names))
+    return module
+
+
+def layer(blocks: nnx.Module, i: int) -> nnx.Module:
+    """Layer i of the stacked `blocks` as a module of its own (its variables are slices, new
+    arrays: writing to them does not change `blocks`)."""
+    graphdef, state = nnx.split(blocks)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+
+
+def num_stacked(blocks: nnx.Module) -> int:
+    """L, the stacked layers in `blocks`."""
+    return jax.tree.leaves(nnx.state(blocks, nnx.Param))[0].shape[0]
+
+
+def _run_blocks(blocks, x, positions, mask, rng):
+    """All blocks over x (B, T, D), unrolled: layer i's params sliced from the stack. RNG streams
+    the layers advance (LoRA dropout) are written back to the stack."""
+    graphdef, state = nnx.split(blocks)
+    streams = []
+    for i in range(num_stacked(blocks)):
+        block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+        block_rng = None if rng is None else jax.random.fold_in(rng, i + 1)
+        x = batch_sharded(block(x, positions, mask, block_rng)[0])  # (B, T, D)
+        streams.append(nnx.state(block, nnx.RngState))
+    if jax.tree.leaves(streams[0]):
+        nnx.update(blocks, jax.tree.map(lambda *layers: jnp.stack(layers), *streams))
+    return x
+
+
 def _run_blocks_remat(blocks, x, positions, mask, rng, remat: str):
     """All blocks over x (B, T, D), each under `jax.checkpoint` with the `remat` saving policy,
     as one `lax.scan` over the blocks' stacked params.
@@ -140,14 +186,11 @@ def _run_blocks_remat(blocks, x, positions, mask, rng, remat: str):
     The scan is what makes remat save memory: with the blocks unrolled, XLA is free to hoist
     every block's recomputation into the forward pass, where all of them are alive at once; under
     the scan, the backward of one block at a time needs its recomputed activations
-    (docs/performance.md). Stacking copies the blocks' params once per step:
-    weight-sized, small next to the activations it saves. Plain `jax.checkpoint` over the state:
-    nothing is written back to the modules, so this also works on a model captured from outside
-    the trace (where nnx.remat would refuse).
+    (docs/performance.md). Plain `jax.checkpoint` over the state: nothing is written back to the
+    modules, so this also works on a model captured from outside the trace (where nnx.remat
+    would refuse).
     """
-    graphdef = nnx.graphdef(blocks[0])
-    states = [nnx.state(block) for block in blocks]
-    stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *states)  # leading (L,) axis
+    graphdef, stacked = nnx.split(blocks)  # (L, ...) leaves
 
     def run(state, x, rng):
         return nnx.merge(graphdef, state)(x, positions, mask, rng)[0]
@@ -159,7 +202,7 @@ def _run_blocks_remat(blocks, x, positions, mask, rng, remat: str):
         block_rng = None if rng is None else jax.random.fold_in(rng, i + 1)
         return batch_sharded(run(state, x, block_rng)), None
 
-    layers = jnp.arange(len(blocks), dtype=jnp.int32)
+    layers = jnp.arange(num_stacked(blocks), dtype=jnp.int32)
     return jax.lax.scan(body, x, (layers, stacked))[0]
 
 
@@ -170,16 +213,19 @@ def _stages_in_context(axis: str = "stage") -> int:
 
 
 def _run_blocks_pipelined(pipeline, blocks, x, positions, mask, rng, remat: str):
-    """All blocks over x (B, T, D) through `pipeline` (a `jaxnv.parallel.Pipeline`): the blocks'
-    params stacked at run time as in `_run_blocks_remat`, split over the mesh's stage axis.
+    """All blocks over x (B, T, D) through `pipeline` (a `jaxnv.parallel.Pipeline`), which
+    splits the stacked params over the mesh's stage axis.
 
     Each microbatch gets the per-layer dropout key of the unpipelined run folded with its index
     (its rows are a strided slice of the batch, so its masks differ from the unpipelined ones;
     without dropout the result is the same up to float rounding).
     """
-    graphdef = nnx.graphdef(blocks[0])
-    states = [nnx.state(block) for block in blocks]
-    stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *states)  # leading (L,) axis
+    if jax.tree.leaves(nnx.state(blocks, nnx.RngState)):
+        raise ValueError(
+            "lora.dropout needs mesh.stage=1: a pipeline stage cannot advance the adapters' "
+            "dropout stream; set lora.dropout=0 or mesh.stage=1"
+        )
+    graphdef, stacked = nnx.split(blocks)  # (L, ...) leaves
     batched = {"mask": mask, "positions": positions if positions.ndim == 2 else None}
     shared = {"rng": rng, "positions": positions if positions.ndim == 1 else None}
 
@@ -251,6 +297,7 @@ class Transformer(nnx.Module):
         out_bias: bool = False,
         mlp_bias: bool = False,
         vocab_multiple: int = 128,
+        attention: str = "auto",
         policy: Policy | str | None = None,
         pipeline=None,
         rngs: nnx.Rngs,
@@ -275,6 +322,7 @@ class Transformer(nnx.Module):
         self.rope_scaling = None if rope_scaling is None else tuple(sorted(rope_scaling.items()))
         self.norm, self.norm_eps, self.mlp = norm, norm_eps, mlp
         self.qkv_bias, self.out_bias, self.mlp_bias = qkv_bias, out_bias, mlp_bias
+        self.attention = attention  # the attention kernel: auto | xla | cudnn (models/layers.py)
         dtype = policy.param_dtype
         out_std = 0.02 / math.sqrt(2 * num_layers)  # GPT-2: residual projections scaled by depth
         self.embedding = param(rngs, (V, D), ("vocab", "embed"), 0.02, dtype, vocab_size=vocab_size)
@@ -282,14 +330,16 @@ class Transformer(nnx.Module):
             self.pos_embedding = param(rngs, (max_seq_len, D), (None, "embed"), 0.02, dtype)
         attn_kw = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=self.head_dim,
                        rope=position == "rope", rope_theta=rope_theta, rope_scaling=rope_scaling,
-                       qkv_bias=qkv_bias, out_bias=out_bias, out_std=out_std)  # fmt: skip
+                       qkv_bias=qkv_bias, out_bias=out_bias, out_std=out_std,
+                       implementation=attention)  # fmt: skip
         mlp_kw = dict(mlp_dim=self.mlp_dim, gated=mlp == "gated", bias=mlp_bias,
                       activation=activation, out_std=out_std)  # fmt: skip
-        self.blocks = nnx.List(
+        # the blocks' params stacked, (L, ...) per param: `layer(self.blocks, i)` is block i
+        self.blocks = stack_layers([
             Block(D, norm=norm, norm_eps=norm_eps, attn_kw=attn_kw, mlp_kw=mlp_kw,
                   dropout_rate=dropout, policy=policy, rngs=rngs)
             for _ in range(num_layers)
-        )  # fmt: skip
+        ])  # fmt: skip
         self.final_norm = Norm(D, kind=norm, eps=norm_eps, policy=policy)
         if not tie_embeddings:
             self.head = param(rngs, (D, V), ("embed", "vocab"), 0.02, dtype, vocab_size=vocab_size)
@@ -299,7 +349,7 @@ class Transformer(nnx.Module):
         names = ("num_layers", "num_heads", "embed_dim", "mlp_dim", "max_seq_len", "activation",
                  "tie_embeddings", "remat", "dropout", "num_kv_heads", "head_dim", "position",
                  "rope_theta", "norm", "norm_eps", "mlp", "qkv_bias", "out_bias", "mlp_bias",
-                 "vocab_multiple")  # fmt: skip
+                 "vocab_multiple", "attention")  # fmt: skip
         kwargs = {"vocab_size": self.vocab_size, **{n: getattr(self, n) for n in names}}
         kwargs["rope_scaling"] = None if self.rope_scaling is None else dict(self.rope_scaling)
         return kwargs
@@ -374,10 +424,7 @@ class Transformer(nnx.Module):
         if self.remat != "none":
             x = _run_blocks_remat(self.blocks, x, positions, mask, rng, self.remat)
             return self._logits(x)
-        for i, block in enumerate(self.blocks):
-            block_rng = None if rng is None else jax.random.fold_in(rng, i + 1)
-            x = block(x, positions, mask, block_rng)[0]  # (B, T, D)
-            x = batch_sharded(x)  # the residual stream: rows split, features whole
+        x = _run_blocks(self.blocks, x, positions, mask, rng)  # (B, T, D)
         return self._logits(x)
 
     def init_cache(self, batch: int, max_len: int | None = None) -> Cache:
@@ -414,7 +461,8 @@ class Transformer(nnx.Module):
         mask = (seen[:, None, :] & causal[None]) | (keys[None, :] == slots[:, None])[None]
         x = self._embed(tokens, positions)  # (B, T, D)
         layers = []
-        for block, layer_cache in zip(self.blocks, cache["layers"], strict=True):
+        for i, layer_cache in enumerate(cache["layers"]):
+            block = layer(self.blocks, i)
             x, layer_cache = block(x, positions, mask[:, None], None, layer_cache, index)
             layers.append(layer_cache)
         return self._logits(x), {"layers": layers, "valid": seen}

@@ -26,7 +26,9 @@ from jax.sharding import PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 STAGE_AXIS = "stage"  # pipeline stages (jaxnv.parallel.pipeline); in the mesh only when > 1
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both: FSDP is data parallel too
-LOGICAL_NAMES = ("embed", "mlp", "heads", "kv", "vocab", "conv_in", "conv_out")
+LOGICAL_NAMES = ("embed", "mlp", "heads", "kv", "vocab", "conv_in", "conv_out", "layers")
+# the stacked layers' axis ("layers") is split over `stage` whenever the mesh has that axis
+STAGE_RULE = {"layers": STAGE_AXIS}
 
 RULES: dict[str, dict[str, str | None]] = {
     # params replicated; only the batch is split
@@ -215,6 +217,9 @@ def make_plan(abstract_model, abstract_state, mesh: Mesh, rules="dp") -> Plan:
     if user_rules:
         for n in sorted(set(rules) - used):
             warnings.warn(f"sharding rule {n!r} matches no parameter of this model", stacklevel=2)
+    preset = rules  # what warns about replicated params: the stage rule splits only the stack
+    if STAGE_AXIS in mesh.axis_names:
+        rules = {**STAGE_RULE, **rules}
     replicated = NamedSharding(mesh, P())
     params = dict(
         (path_names(p), x) for p, x in jax.tree_util.tree_leaves_with_path(abstract_state.params)
@@ -230,10 +235,10 @@ def make_plan(abstract_model, abstract_state, mesh: Mesh, rules="dp") -> Plan:
         table.append(("/".join(path), logical, tuple(leaf.shape), spec))
         if unnamed and unnamed[-1] == "/".join(path):
             continue  # reported once for all of them: Plan.unnamed_note
-        if rules and not any(spec) and np.prod(leaf.shape) >= LARGE_PARAM:
+        if preset and not any(spec) and np.prod(leaf.shape) >= LARGE_PARAM:
             warnings.warn(
                 f"param {'/'.join(path)} {tuple(leaf.shape)} stays replicated under the rules "
-                f"{rules}: give it logical names or a rule",
+                f"{preset}: give it logical names or a rule",
                 stacklevel=2,
             )
 

@@ -4,11 +4,14 @@
     y = pipe(layer_fn, stacked, x)       # inside jit, under a mesh with stage=4
     # layer_fn(params, x, batched, shared, layer, microbatch) -> x, one layer's params (no L axis)
 
-The layers' params arrive stacked, (L, ...) leaves (the transformer stacks its per-layer
-`blocks/i/...` at run time, as its remat scan does). Layer l runs on stage (l // K) % S, where
+The layers' params arrive stacked, (L, ...) leaves (the transformer stores its blocks that way,
+the L axis named "layers", which the sharding plan splits over `stage`: stage s holds layers
+s*L/S .. (s+1)*L/S - 1 and no others). Layer l runs on stage (l // K) % S, where
 K = L / (S * R): GPipe (R = 1) gives stage s the layers s*L/S .. (s+1)*L/S - 1; the circular
 schedule (R > 1) gives it R chunks of K layers, chunk r holding layers (r*S + s)*K .. +K-1, and
-sends every microbatch round the ring of stages R times.
+sends every microbatch round the ring of stages R times. GPipe therefore computes with the layers
+each stage stores; the circular schedule reorders the stack to its chunks, which moves
+(S-1)/S of the blocks' params between stages each step (and their gradients back).
 
 The schedule runs inside `jax.shard_map`, manual over `stage` only (data, fsdp and tensor stay
 automatic, so the layers' own shardings and collectives compose with it). The batch is cut into
@@ -126,8 +129,8 @@ class Pipeline:
                 f"{self.axis}={stage_count(mesh)}: set mesh.stage={S} (and run under jax.set_mesh)"
             )
         K = L // (S * R)
-        # (L, ...) -> (R, S, K, ...): layer (r*S + s)*K + k sits at [r, s, k]; each stage
-        # takes its [:, s] inside (a local slice: the per-layer params are on every stage)
+        # (L, ...) -> (R, S, K, ...): layer (r*S + s)*K + k sits at [r, s, k], split over the
+        # stages on axis 1 (for GPipe, R = 1, exactly the stored split of L over `stage`)
         params = jax.tree.map(lambda p: p.reshape(R, S, K, *p.shape[1:]), stacked)
         xs = _microbatched(x, M)  # (M, B/M, ...)
         batched = jax.tree.map(lambda a: _microbatched(a, M), batched)
@@ -135,20 +138,21 @@ class Pipeline:
         run = jax.shard_map(
             body,
             mesh=mesh,
-            in_specs=(P(), P(), P(), P()),
+            in_specs=(P(None, self.axis), P(), P(), P()),
             out_specs=P(),
             axis_names=frozenset({self.axis}),
         )
         return _unmicrobatched(run(params, xs, batched, shared))[:B]
 
     def _per_stage(self, layer_fn: LayerFn, K: int):
-        """The per-stage program: params (R, S, K, ...), microbatches (M, B/M, ...) whole."""
+        """The per-stage program: params (R, 1, K, ...) (this stage's), microbatches
+        (M, B/M, ...) whole."""
         S, R, M, axis = self.stages, self.repeats, self.num_microbatches, self.axis
         shift = [(s, s + 1) for s in range(S - 1)] + ([(S - 1, 0)] if R > 1 else [])
 
         def stage_fn(params, xs, batched, shared):
             s = jax.lax.axis_index(axis)
-            params = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, s, 1, False), params)
+            params = jax.tree.map(lambda p: p[:, 0], params)  # (R, K, ...)
             # varying from here: the input's cotangent is then summed over stages once, after
             # the loop, not once per iteration
             xs = jax.lax.pcast(xs, (axis,), to="varying")

@@ -286,8 +286,8 @@ def _size(n: float) -> str:
 
 def pipeline_lines(run) -> list[str]:
     """Per-stage memory, the theoretical bubble and the bytes sent between stages per step (no
-    lines without a `stage` axis). The blocks are stored per layer (`blocks/i/...`, replicated
-    over `stage`), so every device holds all layers; a stage computes with 1/S of them."""
+    lines without a `stage` axis). The blocks are stored stacked and split over `stage`: each
+    device holds its stage's layers and the params outside the blocks."""
     plan, cfg = run.plan, run.cfg
     S = stage_count(plan.mesh)
     if S <= 1:
@@ -303,19 +303,24 @@ def pipeline_lines(run) -> list[str]:
     rows = spec.shape[0] // (plan.mesh.shape["data"] * plan.mesh.shape["fsdp"])
     act = rows * int(np.prod(spec.shape[1:])) * width * np.dtype(run.policy.compute_dtype).itemsize
     sent = stage_bytes(act, S, M, R)
-    used = blocks / S + rest
     schedule = "GPipe" if R == 1 else f"circular x{R}"
+    # circular: each stage computes with R chunks that are mostly stored on other stages, so
+    # about (S-1)/S of its layers' params come in each step and their gradients go back
+    reorder = 0.0 if R == 1 else 2 * (S - 1) / S * blocks
     return [
         f"pipeline: {S} stages, {schedule}, {M} microbatches: {M * R + S - 1} iterations a "
         f"step, bubble (S-1)/(M*R+S-1) = {bubble_fraction(S, M, R):.1%} in theory",
-        f"  per stage: computes with params {_size(used)} (1/{S} of the blocks' "
-        f"{_size(blocks)} + {_size(rest)} outside them) + optimizer {_size(used * moments)}; "
-        f"holds {_size(blocks + rest)} + {_size((blocks + rest) * moments)}: the per-layer "
-        f"blocks are replicated over stage ({S - 1}/{S} of them idle on each device)",
+        f"  per stage: params {_size(blocks + rest)} ({_size(blocks)}: its 1/{S} of the "
+        f"blocks, {_size(rest)} outside them) + optimizer {_size((blocks + rest) * moments)}",
         f"  between stages per step per device: {_mib(sent['forward'])} forward + "
         f"{_mib(sent['backward'])} backward ppermutes, {_mib(sent['gather'])} to gather the "
-        f"last stage's output (activation {_size(act)} a device); "
-        f"{_mib(2 * (S - 1) / S * blocks)} all-reducing the replicated blocks' gradients",
+        f"last stage's output (activation {_size(act)} a device)"
+        + (
+            f", {_mib(reorder)} reordering the blocks' params and gradients into the circular "
+            "schedule's chunks"
+            if R > 1
+            else ""
+        ),
     ]
 
 
