@@ -59,7 +59,7 @@ from _common import interleave, parser, report, time_steps  # noqa: E402
 from jaxnv.core.losses import softmax_ce_loss  # noqa: E402
 from jaxnv.core.optim import OptimizerConfig, make_optimizer  # noqa: E402
 from jaxnv.core.precision import get_policy  # noqa: E402
-from jaxnv.core.state import init_state  # noqa: E402
+from jaxnv.core.state import abstract_model, init_state, stacked_paths  # noqa: E402
 from jaxnv.core.step import batch_spec_of, make_train_step  # noqa: E402
 from jaxnv.models import Transformer  # noqa: E402
 from jaxnv.models.transformer import flops_per_token, num_params  # noqa: E402
@@ -84,12 +84,12 @@ def build_step(layers, width, seq, batch, policy_name, remat="none", vocab=VOCAB
     """jaxnv's compiled step, its initial state and a batch; (None, reason) if it does not fit."""
     policy = get_policy(policy_name)
     cfg = OptimizerConfig(name="adamw", learning_rate=3e-4, weight_decay=0.1, schedule="constant")
-    tx = make_optimizer(cfg, 10_000)
     heads = max(1, width // 128) if width >= 1024 else max(1, width // 64)
     model_fn = lambda r: Transformer(  # noqa: E731
         vocab, num_layers=layers, num_heads=heads, embed_dim=width, max_seq_len=seq,
         remat=remat, policy=policy, rngs=r,
     )  # fmt: skip
+    tx = make_optimizer(cfg, 10_000, stacked=stacked_paths(abstract_model(model_fn)))
     try:
         graphdef, state = init_state(model_fn, tx, policy, jax.random.key(0))
         data = tokens_batch(batch, seq, vocab)
@@ -108,13 +108,13 @@ def build_step(layers, width, seq, batch, policy_name, remat="none", vocab=VOCAB
 
 def overhead_rows(repeats, quick):
     """jaxnv vs hand-written JAX + optax, fp32, the transformer.py model."""
-    from transformer import make_plain_step
+    from transformer import make_plain_step, per_layer
 
     layers, width, batch, seq, steps = (1, 64, 2, 32, 2) if quick else (4, 512, 16, 128, 10)
     built, _ = build_step(layers, width, seq, batch, "fp32", vocab=128)
     _, compiled, state, data = built
     tx = optax.adamw(3e-4, weight_decay=0.1, mask=lambda p: jax.tree.map(lambda a: a.ndim > 1, p))
-    params = jax.tree.map(jnp.copy, state.params)  # its own buffers: jaxnv's step donates state
+    params = per_layer(jax.tree.map(jnp.copy, state.params))  # its own buffers (jaxnv's donates)
     plain = make_plain_step(tx, jax.nn.silu)
     holder = {"jaxnv": state, "plain": (params, tx.init(params))}
 

@@ -31,7 +31,7 @@ from _common import interleave, parser, report, time_steps, timed
 from jaxnv.core.losses import softmax_ce_loss
 from jaxnv.core.optim import OptimizerConfig, make_optimizer
 from jaxnv.core.precision import get_policy
-from jaxnv.core.state import init_state
+from jaxnv.core.state import abstract_model, init_state, stacked_paths
 from jaxnv.core.step import batch_spec_of, make_train_step
 from jaxnv.models import Transformer
 from jaxnv.models.transformer import flops_per_token
@@ -46,6 +46,14 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------- plain JAX
+def per_layer(params):
+    """jaxnv's params with the stacked blocks ((L, ...) per param) as a list of L layers' dicts,
+    the form the hand-written models below read."""
+    blocks = params["blocks"]
+    L = jax.tree.leaves(blocks)[0].shape[0]
+    return {**params, "blocks": [jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(L)]}
+
+
 def rms_norm(x, scale):
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + EPS) * scale
 
@@ -187,11 +195,11 @@ def make_jaxnv(layers, width, batch_size, seq, act):
     """jaxnv's GPT (64-wide heads), its train step, initial state and a random token batch."""
     policy = get_policy("fp32")
     cfg = OptimizerConfig(name="adamw", learning_rate=LR, weight_decay=WD, schedule="constant")
-    tx = make_optimizer(cfg, 10_000)
     model_fn = lambda r: Transformer(  # noqa: E731
         VOCAB, num_layers=layers, num_heads=max(1, width // 64), embed_dim=width,
         max_seq_len=seq, activation=act, policy=policy, rngs=r,
     )  # fmt: skip
+    tx = make_optimizer(cfg, 10_000, stacked=stacked_paths(abstract_model(model_fn)))
     graphdef, state = init_state(model_fn, tx, policy, jax.random.key(0))
     tokens = np.random.default_rng(0).integers(0, VOCAB, size=(batch_size, seq + 1))
     batch = {"x": jnp.asarray(tokens[:, :-1], jnp.int32), "y": jnp.asarray(tokens[:, 1:])}
@@ -202,7 +210,7 @@ def make_jaxnv(layers, width, batch_size, seq, act):
 
 def bench_size(layers, width, batch_size, seq, act, repeats, steps, compile_it, peak_n):
     graphdef, state, step, batch = make_jaxnv(layers, width, batch_size, seq, act)
-    params = jax.tree.map(np.asarray, state.params)
+    params = per_layer(jax.tree.map(np.asarray, state.params))
     act_fn = {"silu": jax.nn.silu, "relu": jax.nn.relu, "gelu": jax.nn.gelu}.get(act)
     act_fn = act_fn or (lambda t: jnp.square(jax.nn.relu(t)))
     matrices = lambda p: jax.tree.map(lambda a: a.ndim > 1, p)  # noqa: E731

@@ -32,7 +32,7 @@ if "--profile" in sys.argv:  # XLA:CPU emits per-op events only with this, set b
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from _common import interleave, parser, report, time_steps  # noqa: E402
-from transformer import TorchWorker, parse_size, plain_loss  # noqa: E402
+from transformer import TorchWorker, parse_size, per_layer, plain_loss  # noqa: E402
 
 from jaxnv import apply_overrides  # noqa: E402
 from jaxnv.experiment import load_experiment  # noqa: E402
@@ -72,7 +72,7 @@ def bench_size(layers, width, batch, seq, steps, repeats, peak_n):
     run = make_run(layers, width, batch, seq, steps, log_every)
     state = run.init()
     host = run.batches[0]
-    params = jax.tree.map(np.asarray, state.params)
+    params = per_layer(jax.tree.map(np.asarray, state.params))
     worker = TorchWorker(params, host, run.cfg.model.activation, False, peak_n)
     # the hand-written JAX model on the same weights: jaxnv's own loss differs by masking the
     # vocabulary's padding (103 characters padded to 128), which PyTorch's model does not do
@@ -166,7 +166,7 @@ def torch_profile(params, batch, act, steps=3, top=12):
 def print_profile(run, state, batch):
     """Both frameworks' step, op time by bucket, then their largest matmuls and attention ops."""
     host = {k: np.asarray(v) for k, v in batch.items()}
-    params = jax.tree.map(np.asarray, state.params)
+    params = per_layer(jax.tree.map(np.asarray, state.params))
     mine, my_mats = jax_profile(run, state, batch)
     try:
         theirs, their_mats = torch_profile(params, host, run.cfg.model.activation)

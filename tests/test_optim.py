@@ -476,3 +476,32 @@ def test_fractional_warmup_from_the_command_line_round_trips():
     steps = apply_overrides(Config(), ["optimizer.warmup_steps=50"]).optimizer.warmup_steps
     assert steps == 50 and type(steps) is int  # a whole number stays a count of steps
     assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_stacked_layers_decay_by_one_layers_shape():
+    """The transformer stores its blocks stacked, (L, ...) per param: a norm scale is (L, D) but
+    a vector per layer, so it must not decay; a kernel (L, D, F) decays as the 2-D matrix it is."""
+    from jaxnv.core.state import stacked_paths
+    from jaxnv.models.transformer import Transformer
+
+    model = Transformer(32, num_layers=3, num_heads=2, embed_dim=16, max_seq_len=8,
+                        rngs=nnx.Rngs(0))  # fmt: skip
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    stacked = stacked_paths(model)
+    assert "blocks/attn_norm/scale" in stacked and "embedding" not in stacked
+    mask = decay_mask_fn(params, stacked=stacked)
+    assert mask["blocks"]["attn_norm"]["scale"] is False and mask["final_norm"]["scale"] is False
+    assert all(jax.tree.leaves(mask["blocks"]["attn"])) and mask["embedding"] is True
+
+    cfg = OptimizerConfig(name="adamw", learning_rate=0.1, weight_decay=0.1)
+    zero = [jax.tree.map(np.zeros_like, params)] * 2
+    got = _run(make_optimizer(cfg, 10, stacked=stacked), params, zero)
+    np.testing.assert_array_equal(
+        np.asarray(got["blocks"]["mlp_norm"]["scale"]), params["blocks"]["mlp_norm"]["scale"]
+    )
+    for path, x in jax.tree_util.tree_leaves_with_path(params["blocks"]):
+        want = x * (0.99**2 if x[0].ndim >= 2 else 1.0)  # one layer's shape decides
+        leaf = got["blocks"]
+        for k in path:
+            leaf = leaf[k.key]
+        np.testing.assert_allclose(np.asarray(leaf), want, rtol=1e-6, err_msg=str(path))

@@ -17,7 +17,10 @@ Weight decay is decoupled from the gradient statistics everywhere:
   multiplied by the learning rate (``p -= update + wd * p``).
 
 ``decay_mask`` picks the params that decay: ``"auto"`` those with ``ndim >= 2`` (not biases, norm
-scales or other vectors), ``"all"`` every param, ``"none"`` none.
+scales or other vectors), ``"all"`` every param, ``"none"`` none. A param stored stacked over layers
+(the transformer's blocks, (L, ...) per param) is judged by one layer's shape: ``make_optimizer``'s
+``stacked`` names those params (``jaxnv.core.state.stacked_paths(model)``), and jaxnv's own runs
+pass it. An optax optimizer of your own sees the stacked arrays as they are.
 
 Schedules count optimizer updates: with ``accumulate_steps = k`` the learning rate at train step
 ``s`` is ``make_schedule(cfg, total)(s // k)``. ``warmup_steps`` is a number of updates or a
@@ -31,11 +34,15 @@ than its warmup) is clamped to 10 % of the length, and ``make_schedule`` prints 
 
 import dataclasses
 import difflib
+import functools
 import sys
+from collections.abc import Collection
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from jaxnv.core.state import path_str
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "adafactor")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -64,13 +71,19 @@ class OptimizerConfig:
     accumulate_steps: int = 1  # > 1: accumulate the mean gradient over k calls, update on the last
 
 
-def decay_mask_fn(params):
-    """True where weight decay applies: leaves with ``ndim >= 2``; works on dicts and nnx.State.
+def decay_mask_fn(params, stacked: Collection[str] = ()):
+    """True where weight decay applies: leaves with ``ndim >= 2``, not counting the leading layer
+    axis of those whose path (``"blocks/norm1/scale"``) is in ``stacked``.
 
     >>> decay_mask_fn({"w": jnp.ones((3, 2)), "b": jnp.ones(2)})
     {'b': False, 'w': True}
+    >>> decay_mask_fn({"blocks": {"scale": jnp.ones((4, 2))}}, stacked={"blocks/scale"})
+    {'blocks': {'scale': False}}
     """
-    return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
+    stacked = frozenset(stacked)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.ndim(x) - (path_str(p) in stacked) >= 2, params
+    )
 
 
 def _choice(field, value, options):
@@ -202,8 +215,11 @@ def _schedule(cfg: OptimizerConfig, total_steps: int, warn: bool) -> optax.Sched
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    """The optimizer described by ``cfg``; ``total_steps`` (optimizer updates) sizes the schedule.
+def make_optimizer(
+    cfg: OptimizerConfig, total_steps: int, *, stacked: Collection[str] = ()
+) -> optax.GradientTransformation:
+    """The optimizer described by ``cfg``; ``total_steps`` (optimizer updates) sizes the schedule;
+    ``stacked``: the paths of params stacked over layers (see the module docstring).
 
     >>> tx = make_optimizer(OptimizerConfig(name="sgd", momentum=0.9, clip_norm=1.0), 100)
     >>> params = {"w": jnp.ones((2, 2))}
@@ -214,7 +230,7 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
     _validate(cfg, total_steps)
     lr = _schedule(cfg, total_steps, warn=False)  # a clamped warmup is reported by make_schedule
     wd = 0.0 if cfg.decay_mask == "none" else float(cfg.weight_decay)
-    mask = decay_mask_fn if cfg.decay_mask == "auto" else None
+    mask = functools.partial(decay_mask_fn, stacked=stacked) if cfg.decay_mask == "auto" else None
 
     chain = []
     if cfg.clip_norm > 0:

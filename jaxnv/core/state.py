@@ -61,6 +61,23 @@ def path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
+# the logical name of a stacked module's leading layer axis (the transformer's blocks); the
+# sharding plan splits it over the mesh's pipeline `stage` axis when there is one
+LAYER_AXIS = "layers"
+
+
+def stacked_paths(model: nnx.Module) -> tuple[str, ...]:
+    """The `params` paths of the trainable params stored stacked over layers: those whose first
+    logical axis name is `LAYER_AXIS` (one array holds every layer's copy)."""
+    out, kind = [], trainable(model)
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, kind):
+            names = var.get_metadata().get("out_sharding")
+            if names and names[0] == LAYER_AXIS:
+                out.append("/".join(str(k) for k in path))
+    return tuple(out)
+
+
 def frozen_paths(model: nnx.Module) -> tuple[str, ...]:
     """The `model_state` paths of the params that stay frozen (those beside the adapters of a
     LoRA model); () for a model without adapters."""

@@ -6,9 +6,7 @@ import functools
 
 from flax import nnx
 
-# the logical name of a stacked module's leading layer axis (the transformer's blocks); the
-# sharding plan splits it over the mesh's pipeline `stage` axis when there is one
-LAYER_AXIS = "layers"
+from jaxnv.core.state import LAYER_AXIS  # noqa: F401  (the stacked blocks' leading axis name)
 
 
 def unsharded_init(init):

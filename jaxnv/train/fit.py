@@ -157,7 +157,8 @@ def fit(
         tx, lr_fn = optimizer, None
     else:
         updates = steps // opt_cfg.accumulate_steps
-        tx, lr_fn = make_optimizer(opt_cfg, updates), make_schedule(opt_cfg, updates)
+        lr_fn = make_schedule(opt_cfg, updates)
+        tx = lambda stacked: make_optimizer(opt_cfg, updates, stacked=stacked)  # noqa: E731
     batches = _as_batches(train_data, batch_size, seed, on_resume)
     if mesh_cfg.stage > 1:  # the transformer's blocks split over the stage axis
         model = _pipelined(model, cfg)

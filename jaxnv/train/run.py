@@ -30,6 +30,7 @@ from jaxnv.core.state import (
     init_state,
     path_str,
     split_model,
+    stacked_paths,
 )
 from jaxnv.core.step import (
     EvalStep,
@@ -107,7 +108,8 @@ def _global_spec(batches, process_count: int):
 
 def _assemble(cfg, model, loss_fn, batches, tx, learning_rate_fn, policy, loss_scale, devices,
               abstract, **extra) -> Run:  # fmt: skip
-    """The Run of a model (factory or module), loss, batches and optimizer on `cfg`'s mesh."""
+    """The Run of a model (factory or module), loss, batches and optimizer on `cfg`'s mesh. `tx`
+    is an optax optimizer, or a function of the model's stacked param paths that makes one."""
     t = cfg.train
     rng = jax.random.PRNGKey(t.seed)
     mesh = make_mesh(cfg.mesh, devices)
@@ -122,6 +124,8 @@ def _assemble(cfg, model, loss_fn, batches, tx, learning_rate_fn, policy, loss_s
     micro = micro_batches_for(batch, ways, t.micro_batches, t.max_device_batch)
     model = with_lora(model, cfg.lora, policy, t.seed)  # lora.rank > 0: adapters, base frozen
     shapes = abstract_model(model)
+    if not hasattr(tx, "update"):  # jaxnv's own: decay by layer shapes
+        tx = tx(stacked_paths(shapes))
     template = abstract_state(model, tx, policy, rng, loss_scale=loss_scale)
     plan = _make_plan(shapes, template, mesh, cfg.mesh.rules)
     graphdef = split_model(shapes)[0]
@@ -228,7 +232,7 @@ def build(exp: Experiment, devices=None, *, abstract: bool = False) -> Run:
         lambda rngs: exp.make_model(cfg, data, policy, rngs),
         exp.resolved_loss_fn(),
         _train_batches(data, t),
-        make_optimizer(cfg.optimizer, updates),
+        lambda stacked: make_optimizer(cfg.optimizer, updates, stacked=stacked),
         make_schedule(cfg.optimizer, updates),
         policy,
         loss_scale,
