@@ -43,6 +43,7 @@ from jaxnv.cli_experiment import (  # noqa: F401 (workdir_config: re-exported)
 )
 from jaxnv.cli_text import add_text_commands
 from jaxnv.errors import report_error
+from jaxnv.parallel import xla_flags
 
 
 def _setup_devices() -> None:
@@ -211,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     if full and "jax" not in sys.modules:
         os.environ.setdefault("JAX_TRACEBACK_FILTERING", "off")  # JAX's own frames too
     _setup_devices()
+    try:  # XLA's GPU flags for collective/compute overlap, before JAX starts its backend
+        xla_flags.prepare()
+    except ValueError as err:
+        sys.exit(f"jaxnv: {err}")
     joined = False
     if args.command != "launch":
         from jaxnv.parallel import distributed

@@ -157,6 +157,9 @@ class TransformerConfig(ModelConfig):
     qkv_bias: bool = False  # Qwen2, GPT-2
     out_bias: bool = False  # GPT-2
     mlp_bias: bool = False  # GPT-2
+    # the attention kernel: auto (cuDNN's fused one on an NVIDIA GPU in bf16/fp16, else XLA's),
+    # xla, or cudnn (an error where it cannot run); the choice is printed at start-up
+    attention: str = "auto"
 
     related = {
         "features": "embed_dim",

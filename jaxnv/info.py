@@ -1,4 +1,5 @@
-"""What `jaxnv info` reports: backend, devices, the auto precision and why, library versions."""
+"""What `jaxnv info` reports: backend, devices, the auto precision and why, the attention kernel,
+XLA's GPU overlap flags (on a GPU), library versions."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from importlib import metadata
 import jax
 
 from jaxnv.core.precision import Policy
+from jaxnv.models.layers import choose_attention
+from jaxnv.parallel.xla_flags import overlap_note
 
 PACKAGES = ("jaxnv", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "grain")
 
@@ -22,6 +25,9 @@ def info_lines() -> list[str]:
         f"auto precision: {auto} (loss scale: {auto.default_loss_scale})",
         f"  why: {auto.reason}",
     ]
+    kernel, why = choose_attention("auto", auto.compute_dtype, 64)
+    lines.append(f"attention (auto, head dim 64, {auto.compute_dtype.name}): {kernel} ({why})")
+    lines += filter(None, [overlap_note(jax.default_backend())])
     for name in PACKAGES:
         try:
             lines.append(f"{name}: {metadata.version(name)}")

@@ -59,6 +59,7 @@ MODEL_KEYS = {
         "qkv_bias",
         "out_bias",
         "mlp_bias",
+        "attention",
         "init_from",
     },
 }

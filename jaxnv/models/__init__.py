@@ -106,6 +106,7 @@ def build_model(
             qkv_bias=cfg.qkv_bias,
             out_bias=cfg.out_bias,
             mlp_bias=cfg.mlp_bias,
+            attention=cfg.attention,
             policy=policy,
             rngs=rngs,
         )

@@ -8,6 +8,7 @@ K kv heads, G = N // K query heads per kv head, H head dim, F mlp.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 
@@ -147,6 +148,58 @@ def apply_rope(x, positions, theta: float = 10000.0, scaling: dict | None = None
 
 
 # ----------------------------------------------------------------------------------- attention
+ATTENTION_KERNELS = ("auto", "xla", "cudnn")
+
+
+def platform() -> str:
+    """The platform name: cuda on an NVIDIA GPU, else JAX's backend (cpu, tpu, gpu for ROCm)."""
+    backend = jax.default_backend()
+    if backend == "gpu" and "cuda" in jax.devices()[0].client.platform_version.lower():
+        return "cuda"
+    return backend
+
+
+def choose_attention(requested: str, dtype, head_dim: int, on: str | None = None):
+    """`(kernel, reason)`: the attention kernel ("xla" or "cudnn") that `requested` (auto | xla |
+    cudnn) gives for `dtype` operands with `head_dim` on platform `on` (default: this one).
+
+    cuDNN's fused (flash) kernel needs an NVIDIA GPU, bfloat16 or float16 operands and a head dim
+    that is a multiple of 8 up to 128; "auto" takes it when all hold, else XLA's own attention.
+    An explicit "cudnn" that cannot run is a one-line ValueError naming the fix.
+
+    >>> choose_attention("auto", jnp.bfloat16, 64, on="cuda")[0]
+    'cudnn'
+    >>> choose_attention("auto", jnp.float32, 64, on="cuda")[0]
+    'xla'
+    """
+    if requested not in ATTENTION_KERNELS:
+        close = difflib.get_close_matches(str(requested), ATTENTION_KERNELS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"model.attention={requested!r}: use one of {', '.join(ATTENTION_KERNELS)}{hint}"
+        )
+    on = on or platform()
+    dtype = jnp.dtype(dtype)
+    if on != "cuda":
+        why_not = f"cuDNN's fused attention needs an NVIDIA GPU; this backend is {on}"
+    elif dtype not in (jnp.bfloat16, jnp.float16):
+        why_not = f"cuDNN's fused attention takes bfloat16 or float16, not {dtype.name}"
+    elif head_dim > 128 or head_dim % 8:
+        why_not = f"cuDNN's fused attention takes a head dim of 8, 16, ... 128, not {head_dim}"
+    else:
+        why_not = None
+    if requested == "xla":
+        return "xla", "as configured (model.attention=xla)"
+    if requested == "cudnn" and why_not:
+        raise ValueError(
+            f"model.attention=cudnn cannot run here: {why_not}; use model.attention=auto "
+            "(XLA's attention where cuDNN's cannot run) or model.attention=xla"
+        )
+    if why_not:
+        return "xla", why_not
+    return "cudnn", f"cuDNN's fused kernel ({dtype.name}, head dim {head_dim})"
+
+
 class Attention(nnx.Module):
     """Causal self-attention with K kv heads shared by G = N // K query heads each (MHA: K = N,
     MQA: K = 1), RoPE on queries and keys unless `rope=False` (learned positions).
@@ -164,7 +217,8 @@ class Attention(nnx.Module):
         G = N // K
         self.policy, self.num_heads, self.num_kv_heads = policy, N, K
         self.rope, self.rope_theta = rope, rope_theta
-        self.implementation = implementation  # auto | xla | cudnn
+        # the kernel for causal attention without a cache (training, prefill): xla | cudnn
+        self.implementation = choose_attention(implementation, policy.compute_dtype, H)[0]
         # a tuple, not a dict: static module data must be hashable
         self.rope_scaling = None if rope_scaling is None else tuple(sorted(rope_scaling.items()))
         dtype = policy.param_dtype
@@ -203,11 +257,15 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
             cache = {"k": k, "v": v}  # (B, L, K, H) each
         # attention accumulates in float32; float16 operands are upcast where the backend lacks
-        # that dot (the CPU), and the output comes back in the compute dtype. With K < N, the
-        # XLA implementation groups query heads n = k * G + g onto kv head k, our layout.
+        # that dot (the CPU), and the output comes back in the compute dtype. With K < N, both
+        # kernels group query heads n = k * G + g onto kv head k, our layout. cuDNN's runs the
+        # plain causal case; a mask (packed rows, a cache's slots) goes through XLA's.
         op = accumulating_dtype(dtype)
         q, k, v = q.astype(op), k.astype(op), v.astype(op)
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None)
+        kernel = self.implementation if mask is None and cache is None else "xla"
+        y = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=mask is None, implementation=kernel
+        )
         y = y.astype(dtype)  # (B, T, N, H)
         y = adapted(self, "wo", y, jnp.einsum("btnh,nhd->btd", y, self.wo[...].astype(dtype)))
         if hasattr(self, "bo"):

@@ -43,6 +43,7 @@ from jaxnv.models.layers import (
     Norm,
     apply_rope,
     check_rope_scaling,
+    choose_attention,
     dropout,
     param,
     rms_norm,
@@ -322,7 +323,11 @@ class Transformer(nnx.Module):
         self.rope_scaling = None if rope_scaling is None else tuple(sorted(rope_scaling.items()))
         self.norm, self.norm_eps, self.mlp = norm, norm_eps, mlp
         self.qkv_bias, self.out_bias, self.mlp_bias = qkv_bias, out_bias, mlp_bias
-        self.attention = attention  # the attention kernel: auto | xla | cudnn (models/layers.py)
+        self.attention = attention  # the attention kernel asked for: auto | xla | cudnn
+        # ...and the one it gives here, chosen once (models/layers.py: choose_attention)
+        self.attention_kernel, self.attention_reason = choose_attention(
+            attention, policy.compute_dtype, self.head_dim
+        )
         dtype = policy.param_dtype
         out_std = 0.02 / math.sqrt(2 * num_layers)  # GPT-2: residual projections scaled by depth
         self.embedding = param(rngs, (V, D), ("vocab", "embed"), 0.02, dtype, vocab_size=vocab_size)
@@ -331,7 +336,7 @@ class Transformer(nnx.Module):
         attn_kw = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=self.head_dim,
                        rope=position == "rope", rope_theta=rope_theta, rope_scaling=rope_scaling,
                        qkv_bias=qkv_bias, out_bias=out_bias, out_std=out_std,
-                       implementation=attention)  # fmt: skip
+                       implementation=self.attention_kernel)  # fmt: skip
         mlp_kw = dict(mlp_dim=self.mlp_dim, gated=mlp == "gated", bias=mlp_bias,
                       activation=activation, out_std=out_std)  # fmt: skip
         # the blocks' params stacked, (L, ...) per param: `layer(self.blocks, i)` is block i

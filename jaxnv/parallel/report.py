@@ -381,7 +381,7 @@ def compile_step(run, compiler_options: dict | None = None):
 def dry_run(run) -> str:
     """The sharding table, the report and XLA's per-device memory analysis of the train step."""
     compiled = compile_step(run, INSPECT_ONLY)
-    lines = [format_table(run.plan), format_report(run, compiled)]
+    lines = [format_table(run.plan), format_report(run, compiled), *run.notes]
     mem = compiled.memory_analysis()
     if mem is not None:
         parts = {

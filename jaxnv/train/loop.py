@@ -30,6 +30,7 @@ from jaxnv.data.sources import Dataset
 from jaxnv.experiment import Experiment
 from jaxnv.parallel.distributed import is_primary
 from jaxnv.parallel.report import compile_step, format_report
+from jaxnv.parallel.xla_flags import overlap_note
 from jaxnv.train.callbacks import Callback, EarlyStopping, StepInfo  # noqa: F401 (re-exported)
 from jaxnv.train.calls import Calls, host_rows
 from jaxnv.train.evaluate import evaluate_run
@@ -139,6 +140,7 @@ def _steps(run, workdir, callbacks, ckpt, best, state, start, restored) -> Train
             many = run.plan.mesh.size > 1
             lines.append(format_report(run, compile_step(run) if many else None))
         lines += [n for n in (run.plan.unnamed_note(), *backend_notes(run.policy)) if n]
+        lines += [*run.notes, *filter(None, [overlap_note(jax.default_backend())])]
         lines += calls.notes
         if start:
             lines.append(f"resuming from step {start} (checkpoint {ckpt.directory}/{start})")

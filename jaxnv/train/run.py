@@ -93,6 +93,14 @@ class Run:
     name: str = "custom"
     summarize: Callable[[TrainResult], dict] | None = None
     evaluators: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)  # start-up lines about the model
+
+
+def model_notes(model) -> list[str]:
+    """Start-up lines about choices made for this machine: a transformer's attention kernel."""
+    if hasattr(model, "attention_kernel"):
+        return [f"attention: {model.attention_kernel} ({model.attention_reason})"]
+    return []
 
 
 def _global_spec(batches, process_count: int):
@@ -167,7 +175,7 @@ def _assemble(cfg, model, loss_fn, batches, tx, learning_rate_fn, policy, loss_s
         init = functools.partial(lambda make: made.pop() if made else make(), init)
     return Run(
         cfg, extra.pop("data", None), policy, graphdef, state, batches, train_step, eval_step,
-        plan, init=init, micro_batches=micro, **extra,
+        plan, init=init, micro_batches=micro, notes=model_notes(shapes), **extra,
     )  # fmt: skip
 
 
