@@ -166,3 +166,57 @@ def test_compressed_and_uncompressed_checkpoints_restore_either_way(tmp_path):
         assert meta == {"compress": compress}
         jax.tree.map(np.testing.assert_array_equal, restored, state)
     assert sizes[True] < sizes[False] - 10_000  # the tiled ramp compresses: zstd was really on
+
+
+def test_a_checkpoint_from_before_the_stacked_blocks_resumes_exactly(tmp_path):
+    """Runs checkpointed by jaxnv 0.1, whose transformer kept each layer's params under
+    `blocks/<i>/...`, resume onto today's stacked blocks ((L, ...) per param) exactly."""
+    import shutil
+
+    from jaxnv.train import build
+
+    def exp():
+        e = load_experiment("char_gpt")
+        e.config = apply_overrides(e.config, [
+            "model.num_layers=2", "model.embed_dim=32", "model.num_heads=2", "model.dropout=0.1",
+            "data.seq_len=16", "train.batch_size=8", "train.steps=8", "train.eval_every=0",
+            "logging.log_every=2", "logging.progress=false", "logging.mfu=false",
+            "checkpoint.every=4", "optimizer.warmup_steps=1",
+        ])  # fmt: skip
+        e.summarize = None
+        return e
+
+    straight = train(exp(), workdir=str(tmp_path / "straight"))
+    workdir = str(tmp_path / "old")
+    with pytest.raises(KeyboardInterrupt):
+        train(exp(), workdir=workdir, callbacks=[Crash(6)])
+
+    # rewrite step 4 the way jaxnv 0.1 laid it out: one subtree per layer
+    def per_layer(tree):
+        def split(node):
+            if not (isinstance(node, dict) and "blocks" in node):
+                return node
+            n = len(jax.tree.leaves(node["blocks"])[0])
+            layers = {
+                i: jax.tree.map(lambda a, i=i: np.asarray(a)[i], node["blocks"]) for i in range(n)
+            }
+            return {**node, "blocks": layers}
+
+        return jax.tree.map(split, tree, is_leaf=lambda x: isinstance(x, dict) and "blocks" in x)
+
+    path = os.path.join(workdir, "checkpoints")
+    state, meta = Checkpointer(path).restore(build(exp(), abstract=True).state)
+    old = state.replace(params=per_layer(state.params), opt_state=per_layer(state.opt_state),
+                        model_state=per_layer(state.model_state))  # fmt: skip
+    assert "blocks" in old.params and set(old.params["blocks"]) == {0, 1}
+    shutil.rmtree(path)
+    ckpt = Checkpointer(path)
+    ckpt.maybe_save(4, old, meta, force=True)
+    ckpt.wait()
+    ckpt.close()
+
+    resumed = train(exp(), workdir=workdir)
+    assert resumed.summary["resumed_from"] == 4
+    a, b = jax.device_get(resumed.state), jax.device_get(straight.state)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)

@@ -119,6 +119,66 @@ def _mismatches(saved: Any, target: Any, limit: int = 3) -> list[str]:
     return out
 
 
+# ---- checkpoints from before the transformer's blocks were stacked ----------------------------
+# Until jaxnv 0.1 the blocks were a list, each layer's params under `blocks/<i>/...`; they are now
+# one array per param with a leading layer axis (`blocks/...`, (L, ...)). A restore reads such a
+# checkpoint layer by layer and stacks it, so runs started before the change resume exactly.
+
+
+def _has_blocks(x) -> bool:
+    return isinstance(x, dict) and "blocks" in x
+
+
+def _stacked_blocks(tree) -> bool:
+    """Whether `tree` holds stacked blocks: a `blocks` subtree of arrays (no layer keys)."""
+    found = []
+    jax.tree.map(lambda x: found.append(x) if _has_blocks(x) else None, tree, is_leaf=_has_blocks)
+    return any(not any(isinstance(k, int) for k in x["blocks"]) for x in found)
+
+
+def _drop_leading(sharding):
+    """`sharding` for one layer of a stacked array: the layer axis's entry left out."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec)[1:]
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    return sharding
+
+
+def _per_layer(tree):
+    """`tree` (abstract) with each stacked `blocks` subtree as {i: layer i's subtree}."""
+
+    def split(node):
+        if not _has_blocks(node):
+            return node
+        blocks = node["blocks"]
+        L = jax.tree.leaves(blocks)[0].shape[0]
+        one = (
+            lambda x: jax.ShapeDtypeStruct(  # noqa: E731
+                x.shape[1:], x.dtype, sharding=_drop_leading(getattr(x, "sharding", None))
+            )
+        )
+        return {**node, "blocks": {i: jax.tree.map(one, blocks) for i in range(L)}}
+
+    return jax.tree.map(split, tree, is_leaf=_has_blocks)
+
+
+def _restack(tree, target):
+    """The per-layer `tree` (arrays) with its `blocks` stacked again, placed like `target`."""
+
+    def stack(node):
+        if not _has_blocks(node):
+            return node
+        layers = [node["blocks"][i] for i in range(len(node["blocks"]))]
+        return {**node, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+    stacked = jax.tree.map(stack, tree, is_leaf=_has_blocks)
+    return jax.tree.map(
+        lambda x, t: jax.device_put(x, t.sharding) if getattr(t, "sharding", None) else x,
+        stacked,
+        target,
+    )
+
+
 def _chain(err: BaseException | None) -> list[BaseException]:
     """`err` and the exceptions it was raised from or during, outermost first."""
     out: list[BaseException] = []
@@ -384,11 +444,15 @@ class Checkpointer:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             target,
         )
-        saved, metadata_missing = None, False
+        saved, metadata_missing, read_as = None, False, abstract
         try:
             saved = self.manager.item_metadata(step)["state"]
             metadata_missing = saved is None
-            diffs = _mismatches(saved, abstract) if saved is not None else []
+            if saved is not None and _stacked_blocks(abstract):
+                layered = _per_layer(abstract)  # a checkpoint from before the blocks were stacked
+                if any("/blocks/0/" in f"/{k}/" for k in _flat(getattr(saved, "tree", saved))):
+                    read_as = layered
+            diffs = _mismatches(saved, read_as) if saved is not None else []
         except Exception:  # noqa: BLE001 - metadata is a best-effort pre-check
             diffs = []
         if diffs:
@@ -402,13 +466,16 @@ class Checkpointer:
                 step,
                 args=ocp.args.Composite(
                     state=ocp.args.PyTreeRestore(
-                        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)
+                        read_as, restore_args=ocp.checkpoint_utils.construct_restore_args(read_as)
                     ),
                     meta=ocp.args.JsonRestore(),
                 ),
             )
         except Exception as err:  # noqa: BLE001 - orbax raises many types for corrupt data
             raise self._restore_error(step, err, metadata_missing) from err
+        state = restored["state"]
+        if read_as is not abstract:
+            state = _restack(state, abstract)
         meta = dict(restored["meta"])
         if getattr(full, "frozen", ()):
             saved, ours = meta.get("frozen_base"), base_fingerprint(full)
@@ -419,7 +486,7 @@ class Checkpointer:
                     "model.init_from, model and precision.policy it was trained with, or use a "
                     "new --workdir"
                 )
-        return with_frozen(restored["state"], full), meta
+        return with_frozen(state, full), meta
 
     def _restore_error(self, step: int, err: Exception, metadata_missing: bool) -> CheckpointError:
         """A one-line error for a failed restore of `step`: only missing, short or undecodable
