@@ -103,16 +103,28 @@ def init_decode_state(model, slots: int, max_len: int) -> DecodeState:
 
 def sample_rows(logits, keys, temperature, top_k, top_p):
     """Token ids (S,) from logits (S, V), each row with its own key and settings (S,): argmax
-    where temperature is 0, else what `generate`'s sampler draws for that row alone."""
+    where temperature is 0, else what `generate`'s sampler draws for that row alone. The sorts
+    that top-k and top-p need run only when some row asks for them (greedy slots cost an argmax)."""
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]  # (S, V)
-    ranked = -jnp.sort(-scaled, axis=-1)
-    kth = jnp.take_along_axis(ranked, (top_k - 1)[:, None], axis=-1)  # (S, 1)
-    scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
-    scaled = jnp.where((top_p < 1.0)[:, None], top_p_filter(scaled, top_p[:, None]), scaled)
-    draw = jax.vmap(lambda k, row: jax.random.categorical(k, row[None], axis=-1)[0])
-    return jnp.where(temperature > 0, draw(keys, scaled).astype(jnp.int32), greedy)
+    keep = lambda s: s  # noqa: E731
+
+    def cut_top_k(scaled):
+        ranked = -jnp.sort(-scaled, axis=-1)
+        kth = jnp.take_along_axis(ranked, (top_k - 1)[:, None], axis=-1)  # (S, 1)
+        return jnp.where(scaled < kth, -jnp.inf, scaled)
+
+    def cut_top_p(scaled):
+        return jnp.where((top_p < 1.0)[:, None], top_p_filter(scaled, top_p[:, None]), scaled)
+
+    def sampled():
+        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]  # (S, V)
+        scaled = jax.lax.cond(jnp.any(top_k < scaled.shape[-1]), cut_top_k, keep, scaled)
+        scaled = jax.lax.cond(jnp.any(top_p < 1.0), cut_top_p, keep, scaled)
+        draw = jax.vmap(lambda k, row: jax.random.categorical(k, row[None], axis=-1)[0])
+        return jnp.where(temperature > 0, draw(keys, scaled).astype(jnp.int32), greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
 
 
 def make_prefill(graphdef) -> Callable:
