@@ -105,6 +105,43 @@ def test_top_k_and_top_p_sample_exactly_the_allowed_set(top_k, top_p):
     np.testing.assert_allclose(freq, probs, atol=0.03)
 
 
+def _kept_by_sorting(row, top_k, top_p):
+    """numpy float64: the tokens a top-k cut then a top-p cut keep (ties with the last kept
+    value stay), by sorting the row."""
+    z = row.astype(np.float64)
+    if top_k is not None:
+        z = np.where(z < np.sort(z)[::-1][top_k - 1], -np.inf, z)
+    if top_p is not None:
+        ranked = np.sort(z)[::-1]
+        p = np.exp(ranked - ranked[0])
+        p /= p.sum()
+        before = np.cumsum(p) - p
+        z = np.where(z < ranked[before < top_p].min(), -np.inf, z)
+    return np.isfinite(z)
+
+
+def test_top_k_and_top_p_filters_keep_what_sorting_keeps():
+    """The filters bisect over the values' bits instead of sorting: the same kept sets as a
+    sort, per row, with ties, -inf (a masked token), -0.0 and 0.0, and large vocabularies."""
+    from jaxnv.models.generate import top_k_filter, top_p_filter
+
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(12, 3000)).astype(np.float32) * 3
+    rows[0, :40] = rows[0, 40]  # a run of ties
+    rows[1, ::7] = -np.inf
+    rows[2, :2] = (-0.0, 0.0)
+    rows[3] = np.round(rows[3])  # few distinct values: ties everywhere
+    ks = rng.integers(1, 3000, size=12).astype(np.int32)
+    ks[:4] = (41, 5, 2, 300)
+    ps = rng.uniform(0.05, 0.99, size=12).astype(np.float32)
+    got_k = np.isfinite(np.asarray(jax.jit(top_k_filter)(rows, ks)))
+    got_p = np.isfinite(np.asarray(jax.jit(top_p_filter)(rows, ps[:, None])))
+    for i, row in enumerate(rows):
+        np.testing.assert_array_equal(got_k[i], _kept_by_sorting(row, int(ks[i]), None), str(i))
+        np.testing.assert_array_equal(got_p[i], _kept_by_sorting(row, None, float(ps[i])), str(i))
+    assert got_k[0].sum() >= 41 and 1 <= got_p.sum(axis=1).min()  # the ties stay; never empty
+
+
 def test_tiny_top_p_is_greedy_and_stop_ids_cut_the_output():
     model = _model()
     graphdef, params, rest = _split(model)

@@ -47,15 +47,45 @@ def _sample(logits, rng, temperature: float, top_k: int | None = None, top_p: fl
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def _order_keys(x):
+    """uint32 keys that order like the float32 values `x` (-0.0 as 0.0, -inf lowest)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32) + 0.0, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _largest_key(holds, keys):
+    """Per row of `keys` (B, V), the largest uint32 t for which `holds(keys >= t)` (B,) is true,
+    for a `holds` that is true at t = 0 and stays false once false: 32 halvings, no sort."""
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + ((hi - lo) >> 1) + ((hi - lo) & 1)  # the upper middle: no uint32 overflow
+        ok = holds(keys >= mid[:, None])
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    B = keys.shape[0]
+    start = (jnp.zeros((B,), jnp.uint32), jnp.full((B,), 0xFFFFFFFF, jnp.uint32))
+    return jax.lax.fori_loop(0, 32, halve, start)[0][:, None]  # (B, 1)
+
+
+def top_k_filter(logits, top_k):
+    """Logits (B, V) with -inf below each row's `top_k`-th largest (an int, or (B,) per row; ties
+    with it stay). Found by bisection over the values' bit patterns: exact, and no sort."""
+    keys = _order_keys(logits)
+    k = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), logits.shape[:1])
+    kth = _largest_key(lambda keep: jnp.sum(keep, axis=-1, dtype=jnp.int32) >= k, keys)
+    return jnp.where(keys < kth, -jnp.inf, logits)
+
+
 def top_p_filter(logits, top_p):
     """Logits (B, V) with -inf outside the smallest set of most likely tokens whose probability
-    reaches `top_p` (a float, or (B, 1) per row); shared with the serving engine."""
-    ranked = -jnp.sort(-logits, axis=-1)  # (B, V), most likely first
-    probs = jax.nn.softmax(ranked, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # the mass of the more likely tokens
-    # keep a token while the more likely ones hold less than top_p: the first always stays
-    cutoff = jnp.min(jnp.where(before < top_p, ranked, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits < cutoff, -jnp.inf, logits)
+    reaches `top_p` (a float, or (B, 1) per row): a token stays while the tokens more likely than
+    it hold less than `top_p`, so the most likely one always stays, and so do its ties. Shared
+    with the serving engine; by bisection, without sorting the vocabulary."""
+    keys, probs = _order_keys(logits), jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32).reshape(-1), logits.shape[:1])
+    cut = _largest_key(lambda keep: jnp.sum(jnp.where(keep, probs, 0.0), axis=-1) >= p, keys)
+    return jnp.where(keys < cut, -jnp.inf, logits)
 
 
 @functools.lru_cache(maxsize=64)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from jaxnv.models.generate import MIN_BUCKET, bucket_length, top_p_filter
+from jaxnv.models.generate import MIN_BUCKET, bucket_length, top_k_filter, top_p_filter
 
 MAX_SEED = 2**31
 
@@ -103,23 +103,20 @@ def init_decode_state(model, slots: int, max_len: int) -> DecodeState:
 
 def sample_rows(logits, keys, temperature, top_k, top_p):
     """Token ids (S,) from logits (S, V), each row with its own key and settings (S,): argmax
-    where temperature is 0, else what `generate`'s sampler draws for that row alone. The sorts
-    that top-k and top-p need run only when some row asks for them (greedy slots cost an argmax)."""
+    where temperature is 0, else what `generate`'s sampler draws for that row alone. The top-k
+    and top-p cuts run only when some row asks for them (greedy slots cost an argmax)."""
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     keep = lambda s: s  # noqa: E731
-
-    def cut_top_k(scaled):
-        ranked = -jnp.sort(-scaled, axis=-1)
-        kth = jnp.take_along_axis(ranked, (top_k - 1)[:, None], axis=-1)  # (S, 1)
-        return jnp.where(scaled < kth, -jnp.inf, scaled)
 
     def cut_top_p(scaled):
         return jnp.where((top_p < 1.0)[:, None], top_p_filter(scaled, top_p[:, None]), scaled)
 
     def sampled():
         scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]  # (S, V)
-        scaled = jax.lax.cond(jnp.any(top_k < scaled.shape[-1]), cut_top_k, keep, scaled)
+        scaled = jax.lax.cond(
+            jnp.any(top_k < scaled.shape[-1]), lambda s: top_k_filter(s, top_k), keep, scaled
+        )
         scaled = jax.lax.cond(jnp.any(top_p < 1.0), cut_top_p, keep, scaled)
         draw = jax.vmap(lambda k, row: jax.random.categorical(k, row[None], axis=-1)[0])
         return jnp.where(temperature > 0, draw(keys, scaled).astype(jnp.int32), greedy)
