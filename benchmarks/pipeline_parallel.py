@@ -7,7 +7,7 @@ sequences of 64, batch 16, fp32; embeddings and head included), run
   - pipelined: `mesh.stage=S` (S = 2), M = S, 2S, 4S microbatches, through
     `jaxnv.parallel.Pipeline`, params placed by the sharding plan (each stage holds its layers);
   - sequentially on one device, whole batch: the reference;
-  - sequentially on one device over the same M microbatches one after another (`lax.map`): what
+  - sequentially on one device over the same M microbatches one after another (unrolled): what
     cutting the batch costs by itself, with no pipeline;
   - sequentially with L/S layers: with the whole model, it gives the unpipelined part F
     (embeddings, head, loss), which every stage of the pipelined step runs.
@@ -21,10 +21,10 @@ the (S-1) extra copies of F, and the measured bubble is 1 - ideal / pipelined, i
 time (on one core that is the work done, whatever else the machine runs; the wall time is shown
 too). With the bubble iterations the only waste it equals the theory (S-1)/(M+S-1). "vs
 microbatched" replaces the sequential step by its microbatched twin, leaving out the cost of
-microbatching on XLA:CPU, which is no bubble. Neither reference loops over the layers as the
-pipeline must (the unpipelined Transformer unrolls them, and XLA:CPU runs a `lax.scan` over
-layers slower): that cost, too, is in both measured columns. `--quick`: 4 layers, 32 wide,
-sequences of 16, 2 repeats.
+microbatching on XLA:CPU, which is no bubble. At these sizes the pipeline unrolls its schedule
+and its layers (`Pipeline.unroll`, auto), as the references unroll theirs; a schedule too long
+to unroll runs as a loop, which XLA:CPU runs slower. `--quick`: 4 layers, 32 wide, sequences
+of 16, 2 repeats.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ def _child(quick: bool, repeats: int) -> dict:
     def microbatched_loss(params, graphdef, tokens, rest, m):
         module = nnx.merge(graphdef, params, rest)
         parts = tokens.reshape(batch // m, m, seq).swapaxes(0, 1)  # (M, B/M, T), as the pipeline
-        return jnp.mean(jax.lax.map(lambda t: jnp.mean(jax.nn.logsumexp(module(t), -1)), parts))
+        # one after another, unrolled like the pipeline's schedule (a lax.map loop costs more)
+        return jnp.mean(jnp.stack([jnp.mean(jax.nn.logsumexp(module(t), -1)) for t in parts]))
 
     @flax.struct.dataclass
     class Params:  # what make_plan reads: a state with .params (plain dicts, as split_model's)

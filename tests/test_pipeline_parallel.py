@@ -50,9 +50,11 @@ def _toy_layer(w, x, batched, shared, layer, microbatch):
     return jnp.tanh(x @ w["w"] + w["b"][None]) * batched["scale"] + shared["shift"]
 
 
+@pytest.mark.parametrize("unroll", [None, False], ids=["unrolled", "looped"])
 @pytest.mark.parametrize("stages,repeats,micro", [(4, 1, 4), (4, 1, 2), (2, 2, 4), (4, 2, 8)])
-def test_schedule_equals_the_layers_run_in_order(stages, repeats, micro):
-    """Values and gradients of the pipelined toy layers equal a plain loop over the layers."""
+def test_schedule_equals_the_layers_run_in_order(stages, repeats, micro, unroll):
+    """Values and gradients of the pipelined toy layers equal a plain loop over the layers, with
+    the schedule unrolled (auto, at these sizes) and as nested loops."""
     L, B, D = 8, 16, 8
     rng = np.random.default_rng(0)
     params = {
@@ -69,7 +71,7 @@ def test_schedule_equals_the_layers_run_in_order(stages, repeats, micro):
                            {"shift": shift}, i, 0)  # fmt: skip
         return jnp.sum(x**2)
 
-    pipe = Pipeline(stages, micro, repeats)
+    pipe = Pipeline(stages, micro, repeats, unroll=unroll)
 
     def pipelined(params, x):
         y = pipe(_toy_layer, params, x, {"scale": scale}, {"shift": shift})
