@@ -33,11 +33,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import os
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxnv.checkpoint.failures import failure_kind, innermost, root_cause
+from jaxnv.checkpoint.legacy import per_layer, restack, stacked_blocks
 from jaxnv.core.precision import all_finite
 from jaxnv.core.state import path_str, with_frozen, without_frozen
 from jaxnv.parallel.mesh import path_names
@@ -117,124 +117,6 @@ def _mismatches(saved: Any, target: Any, limit: int = 3) -> list[str]:
     if extra:
         out.append(f"and {extra} more")
     return out
-
-
-# ---- checkpoints from before the transformer's blocks were stacked ----------------------------
-# Until jaxnv 0.1 the blocks were a list, each layer's params under `blocks/<i>/...`; they are now
-# one array per param with a leading layer axis (`blocks/...`, (L, ...)). A restore reads such a
-# checkpoint layer by layer and stacks it, so runs started before the change resume exactly.
-
-
-def _has_blocks(x) -> bool:
-    return isinstance(x, dict) and "blocks" in x
-
-
-def _stacked_blocks(tree) -> bool:
-    """Whether `tree` holds stacked blocks: a `blocks` subtree of arrays (no layer keys)."""
-    found = []
-    jax.tree.map(lambda x: found.append(x) if _has_blocks(x) else None, tree, is_leaf=_has_blocks)
-    return any(not any(isinstance(k, int) for k in x["blocks"]) for x in found)
-
-
-def _drop_leading(sharding):
-    """`sharding` for one layer of a stacked array: the layer axis's entry left out."""
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        spec = tuple(sharding.spec)[1:]
-        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
-    return sharding
-
-
-def _per_layer(tree):
-    """`tree` (abstract) with each stacked `blocks` subtree as {i: layer i's subtree}."""
-
-    def split(node):
-        if not _has_blocks(node):
-            return node
-        blocks = node["blocks"]
-        L = jax.tree.leaves(blocks)[0].shape[0]
-        one = (
-            lambda x: jax.ShapeDtypeStruct(  # noqa: E731
-                x.shape[1:], x.dtype, sharding=_drop_leading(getattr(x, "sharding", None))
-            )
-        )
-        return {**node, "blocks": {i: jax.tree.map(one, blocks) for i in range(L)}}
-
-    return jax.tree.map(split, tree, is_leaf=_has_blocks)
-
-
-def _restack(tree, target):
-    """The per-layer `tree` (arrays) with its `blocks` stacked again, placed like `target`."""
-
-    def stack(node):
-        if not _has_blocks(node):
-            return node
-        layers = [node["blocks"][i] for i in range(len(node["blocks"]))]
-        return {**node, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
-
-    stacked = jax.tree.map(stack, tree, is_leaf=_has_blocks)
-    return jax.tree.map(
-        lambda x, t: jax.device_put(x, t.sharding) if getattr(t, "sharding", None) else x,
-        stacked,
-        target,
-    )
-
-
-def _chain(err: BaseException | None) -> list[BaseException]:
-    """`err` and the exceptions it was raised from or during, outermost first."""
-    out: list[BaseException] = []
-    while err is not None and all(e is not err for e in out):
-        out.append(err)
-        err = err.__cause__ or err.__context__
-    return out
-
-
-def _innermost(err: BaseException) -> BaseException:
-    """The innermost exception with a message: orbax wraps tensorstore's precise one
-    ("OUT_OF_RANGE: Error reading ... ") in a generic one that prints a repr."""
-    with_text = [e for e in _chain(err) if str(e).strip()]
-    return with_text[-1] if with_text else err
-
-
-def _root_cause(err: BaseException) -> str:
-    """The first line of `_innermost(err)`, or its type's name."""
-    best = _innermost(err)
-    text = str(best).strip()
-    return text.splitlines()[0][:300] if text else type(best).__name__
-
-
-# What a restore failure says about the files on disk. A failure that names memory, devices,
-# shardings, permissions or an unreachable store says nothing against the data (the checkpoint may
-# be perfectly good), so it is never reported as corruption, even when a read was under way; only a
-# failure that names none of them and does name missing, short or undecodable data is.
-# tensorstore prefixes its messages with an absl status code ("OUT_OF_RANGE: Error reading ...").
-_MEMORY = re.compile(r"RESOURCE_EXHAUSTED|out of memory|\bOOM\b|failed to allocate", re.I)
-_NOT_DATA = re.compile(
-    r"\b(PERMISSION_DENIED|UNAUTHENTICATED|UNAVAILABLE|DEADLINE_EXCEEDED|CANCELLED|ABORTED|"
-    r"INTERNAL|UNIMPLEMENTED)\b|(?i:\b(shardings?|mesh|devices?|topology)\b)",
-)
-_NOT_DATA_TYPES = (PermissionError, ConnectionError, TimeoutError)
-_DATA = re.compile(
-    r"\b(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND)\b|error (reading|opening|decoding)|not enough data|"
-    r"checksum|corrupt|truncat|unexpected end|was not found in the checkpoint",
-    re.I,
-)
-_DATA_TYPES = (FileNotFoundError, EOFError, UnicodeDecodeError, json.JSONDecodeError)
-
-
-def _failure_kind(err: BaseException, metadata_missing: bool = False) -> str:
-    """What a restore failure (with its causes) points at: "memory", "corrupt" data or "other"."""
-    chain = _chain(err)
-    # first lines only: orbax follows them with a whole TensorStore spec (its codecs, paths...)
-    lines = [f"{type(e).__name__}: {str(e).strip().partition(chr(10))[0]}" for e in chain]
-    if any(isinstance(e, MemoryError) for e in chain) or any(map(_MEMORY.search, lines)):
-        return "memory"
-    if metadata_missing:  # every save writes the tree's metadata: the step is incomplete
-        return "corrupt"
-    if any(isinstance(e, _NOT_DATA_TYPES) for e in chain) or any(map(_NOT_DATA.search, lines)):
-        return "other"
-    if any(isinstance(e, _DATA_TYPES) for e in chain):
-        return "corrupt"
-    return "corrupt" if any(map(_DATA.search, lines)) else "other"
 
 
 class _QuietMissingMetrics(logging.Filter):
@@ -448,8 +330,8 @@ class Checkpointer:
         try:
             saved = self.manager.item_metadata(step)["state"]
             metadata_missing = saved is None
-            if saved is not None and _stacked_blocks(abstract):
-                layered = _per_layer(abstract)  # a checkpoint from before the blocks were stacked
+            if saved is not None and stacked_blocks(abstract):
+                layered = per_layer(abstract)  # a checkpoint from before the blocks were stacked
                 if any("/blocks/0/" in f"/{k}/" for k in _flat(getattr(saved, "tree", saved))):
                     read_as = layered
             diffs = _mismatches(saved, read_as) if saved is not None else []
@@ -475,7 +357,7 @@ class Checkpointer:
             raise self._restore_error(step, err, metadata_missing) from err
         state = restored["state"]
         if read_as is not abstract:
-            state = _restack(state, abstract)
+            state = restack(state, abstract)
         meta = dict(restored["meta"])
         if getattr(full, "frozen", ()):
             saved, ours = meta.get("frozen_base"), base_fingerprint(full)
@@ -493,8 +375,8 @@ class Checkpointer:
         data is called corrupt and answered with the older step to fall back to; any other failure
         (memory, devices, shardings, the store) says what failed and leaves the files alone."""
         where = f"checkpoint step {step} in {self.directory}"
-        kind = _failure_kind(err, metadata_missing)
-        cause = "the metadata of its state is missing" if metadata_missing else _root_cause(err)
+        kind = failure_kind(err, metadata_missing)
+        cause = "the metadata of its state is missing" if metadata_missing else root_cause(err)
         if kind == "corrupt":
             older = [s for s in self.manager.all_steps() if s < step]
             fallback = f"step {max(older)}" if older else "none: training starts over"
@@ -511,7 +393,7 @@ class Checkpointer:
                 "then run again"
             )
         return CheckpointError(
-            f"{where} could not be restored ({type(_innermost(err)).__name__}: {cause}); this is "
+            f"{where} could not be restored ({type(innermost(err)).__name__}: {cause}); this is "
             "not a sign of a damaged checkpoint and its files are unchanged: fix the cause "
             "(devices, mesh, permissions) and run again (jaxnv --traceback shows the whole error)"
         )
