@@ -40,8 +40,9 @@ printed as rows of one table:
 In --quick every model is tiny. A configuration that does not fit in memory is reported as "OOM",
 and a part that fails (an unsupported kernel, say) as a row naming the error, rather than
 stopping the run. `--xla-overlap` adds XLA's GPU flags for overlapping collectives with compute
-(jaxnv/parallel/xla_flags.py; the `jaxnv` command adds them itself on an NVIDIA machine unless
-JAXNV_XLA_OVERLAP=0); the table's note records the XLA_FLAGS of the run.
+(jaxnv/parallel/xla_flags.py). The `jaxnv` command adds them itself on an NVIDIA machine, so
+`jaxnv bench gpu` runs with them and `JAXNV_XLA_OVERLAP=0 jaxnv bench gpu` without; the table's
+note records the XLA_FLAGS of the run.
 """
 
 from __future__ import annotations
