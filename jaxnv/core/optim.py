@@ -20,7 +20,9 @@ Weight decay is decoupled from the gradient statistics everywhere:
 scales or other vectors), ``"all"`` every param, ``"none"`` none. A param stored stacked over layers
 (the transformer's blocks, (L, ...) per param) is judged by one layer's shape: ``make_optimizer``'s
 ``stacked`` names those params (``jaxnv.core.state.stacked_paths(model)``), and jaxnv's own runs
-pass it. An optax optimizer of your own sees the stacked arrays as they are.
+pass it. An optax optimizer of your own sees the stacked arrays as they are. Adafactor's
+parameter scale (the RMS a step is scaled by) is taken over a stacked param as a whole, one
+value for all its layers.
 
 Schedules count optimizer updates: with ``accumulate_steps = k`` the learning rate at train step
 ``s`` is ``make_schedule(cfg, total)(s // k)``. ``warmup_steps`` is a number of updates or a
