@@ -1,9 +1,9 @@
 """Pipeline parallelism: the measured bubble of the GPipe schedule against (S-1)/(M+S-1).
 
-Run:  jaxnv bench pipeline_parallel [--quick] [--repeats 7] [--record]
+Run:  jaxnv bench pipeline_parallel [--quick] [--repeats 7] [--batch 64] [--record]
 
 The timed program is the gradient of jaxnv's `Transformer` (8 layers, 128 wide, 4 heads,
-sequences of 64, batch 16, fp32; embeddings and head included), run
+sequences of 64, batch 64, fp32; embeddings and head included), run
   - pipelined: `mesh.stage=S` (S = 2), M = S, 2S, 4S microbatches, through
     `jaxnv.parallel.Pipeline`, params placed by the sharding plan (each stage holds its layers);
   - sequentially on one device, whole batch: the reference;
@@ -23,8 +23,10 @@ too). With the bubble iterations the only waste it equals the theory (S-1)/(M+S-
 microbatched" replaces the sequential step by its microbatched twin, leaving out the cost of
 microbatching on XLA:CPU, which is no bubble. At these sizes the pipeline unrolls its schedule
 and its layers (`Pipeline.unroll`, auto), as the references unroll theirs; a schedule too long
-to unroll runs as a loop, which XLA:CPU runs slower. `--quick`: 4 layers, 32 wide, sequences
-of 16, 2 repeats.
+to unroll runs as a loop, which XLA:CPU runs slower. The batch (`--batch`, 64) keeps the M = 4S
+microbatches at 8 rows: smaller ones (batch 16: 2 rows) measure XLA:CPU's loss of matmul
+efficiency on tiny operands, which the "vs microbatched" column shows. `--quick`: 4 layers, 32
+wide, sequences of 16, batch 16, 2 repeats.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import sys
 STAGES = 2
 
 
-def _child(quick: bool, repeats: int) -> dict:
+def _child(quick: bool, repeats: int, batch: int) -> dict:
     """Medians of {"cpu": seconds, "wall": seconds} per contender, timed in this process."""
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # before XLA sizes its thread pools
     import time
@@ -55,7 +57,7 @@ def _child(quick: bool, repeats: int) -> dict:
     from jaxnv.parallel.mesh import make_plan
     from jaxnv.parallel.pipeline import Pipeline
 
-    layers, width, seq, batch = (4, 32, 16, 16) if quick else (8, 128, 64, 16)
+    layers, width, seq, batch = (4, 32, 16, 16) if quick else (8, 128, 64, batch)
 
     def model(pipe, num_layers=layers):
         return Transformer(256, num_layers=num_layers, num_heads=4, embed_dim=width,
@@ -125,17 +127,23 @@ def _child(quick: bool, repeats: int) -> dict:
 def main() -> None:
     from _common import parser, report
 
-    args = parser(__doc__, repeats=7).parse_args()
+    p = parser(__doc__, repeats=7)
+    p.add_argument("--batch", type=int, default=64, help="rows per step (a multiple of 4S)")
+    args = p.parse_args()
+    if args.batch % (4 * STAGES):
+        raise SystemExit(f"--batch {args.batch} does not split into {4 * STAGES} microbatches; "
+                         f"pass a multiple of {4 * STAGES}")  # fmt: skip
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={STAGES}"
     env["JAX_PLATFORMS"] = "cpu"
     repeats = args.repeats = 2 if args.quick else args.repeats
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]); import pipeline_parallel as p; "
-        "print('RESULT ' + json.dumps(p._child(sys.argv[2] == '1', int(sys.argv[3]))))"
+        "print('RESULT ' + json.dumps(p._child(sys.argv[2] == '1', int(sys.argv[3]), int(sys.argv[4]))))"
     )
     here = os.path.dirname(os.path.abspath(__file__))
-    cmd = [sys.executable, "-c", code, here, "1" if args.quick else "0", str(repeats)]
+    cmd = [sys.executable, "-c", code, here, "1" if args.quick else "0", str(repeats),
+           str(args.batch)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -179,6 +187,7 @@ def main() -> None:
         ),  # fmt: skip
         rows,
         args,
+        notes=f"Batch {16 if args.quick else args.batch}.",
     )
 
 
