@@ -60,6 +60,7 @@ MODEL_KEYS = {
         "out_bias",
         "mlp_bias",
         "attention",
+        "matmul",
         "init_from",
     },
 }

@@ -324,7 +324,7 @@ MLP = {"name", "features", "activation", "dropout", "use_bias"}
 TRANSFORMER_SWITCHES = {  # the architecture keys (Llama, Qwen2, GPT-2 layouts) and init_from
     "num_kv_heads", "head_dim", "position", "rope_theta", "rope_scaling", "rope_scaling_factor",
     "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len", "norm", "norm_eps",
-    "mlp", "qkv_bias", "out_bias", "mlp_bias", "attention", "init_from",
+    "mlp", "qkv_bias", "out_bias", "mlp_bias", "attention", "matmul", "init_from",
 }  # fmt: skip
 MODEL_SECTIONS = {
     "house_prices": ("linear", LINEAR),

@@ -107,6 +107,7 @@ def build_model(
             out_bias=cfg.out_bias,
             mlp_bias=cfg.mlp_bias,
             attention=cfg.attention,
+            matmul=cfg.matmul,
             policy=policy,
             rngs=rngs,
         )

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jaxnv.core.precision import Policy, accumulating_dtype
+from jaxnv.models import mkl
 from jaxnv.models.lora import adapted
 from jaxnv.models.mlp import ACTIVATIONS
 
@@ -45,6 +46,15 @@ def param(rngs: nnx.Rngs, shape, names, std: float, dtype, *, vocab_size: int | 
         return value.at[padded].set(0)
 
     return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), shape, dtype))
+
+
+def project(spec: str, x: jax.Array, w: jax.Array, kernel: str = "xla") -> jax.Array:
+    """`jnp.einsum(spec, x, w)` for a projection (x's trailing axes against w's leading ones),
+    through MKL's sgemm with `kernel="mkl"` (`model.matmul`; jaxnv/models/mkl.py)."""
+    if kernel == "mkl":
+        ins, w_axes = spec.split("->")[0].split(",")
+        return mkl.matmul(x, w, contract=len(set(ins) & set(w_axes)))
+    return jnp.einsum(spec, x, w)
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
@@ -212,13 +222,14 @@ class Attention(nnx.Module):
 
     def __init__(self, embed_dim, num_heads, num_kv_heads, head_dim, *, rope=True,
                  rope_theta=10000.0, rope_scaling=None, qkv_bias=False, out_bias=False,
-                 out_std, policy, rngs, implementation="auto"):  # fmt: skip
+                 out_std, policy, rngs, implementation="auto", matmul="xla"):  # fmt: skip
         D, N, K, H = embed_dim, num_heads, num_kv_heads, head_dim
         G = N // K
         self.policy, self.num_heads, self.num_kv_heads = policy, N, K
         self.rope, self.rope_theta = rope, rope_theta
         # the kernel for causal attention without a cache (training, prefill): xla | cudnn
         self.implementation = choose_attention(implementation, policy.compute_dtype, H)[0]
+        self.matmul = matmul  # the projections' kernel: xla | mkl (already chosen)
         # a tuple, not a dict: static module data must be hashable
         self.rope_scaling = None if rope_scaling is None else tuple(sorted(rope_scaling.items()))
         dtype = policy.param_dtype
@@ -239,7 +250,9 @@ class Attention(nnx.Module):
         dtype = self.policy.compute_dtype
         B, T, _ = x.shape
         G = self.num_heads // self.num_kv_heads
-        qkv = jnp.einsum("btd,dkgh->btkgh", x, self.wqkv[...].astype(dtype))  # (B,T,K,G+2,H)
+        qkv = project(
+            "btd,dkgh->btkgh", x, self.wqkv[...].astype(dtype), self.matmul
+        )  # (B,T,K,G+2,H)
         qkv = adapted(self, "wqkv", x, qkv)  # + its LoRA adapter's, if any (jaxnv.models.lora)
         if hasattr(self, "bqkv"):
             qkv = qkv + self.bqkv[...].astype(dtype)[None, None]
@@ -267,7 +280,8 @@ class Attention(nnx.Module):
             q, k, v, mask=mask, is_causal=mask is None, implementation=kernel
         )
         y = y.astype(dtype)  # (B, T, N, H)
-        y = adapted(self, "wo", y, jnp.einsum("btnh,nhd->btd", y, self.wo[...].astype(dtype)))
+        out = project("btnh,nhd->btd", y, self.wo[...].astype(dtype), self.matmul)  # (B, T, D)
+        y = adapted(self, "wo", y, out)
         if hasattr(self, "bo"):
             y = y + self.bo[...].astype(dtype)[None, None]
         return y, cache
@@ -280,9 +294,9 @@ class FeedForward(nnx.Module):
     W_down + b_down, biases only with `bias=True`."""
 
     def __init__(self, embed_dim, mlp_dim, *, gated=True, bias=False, activation, out_std,
-                 policy, rngs):  # fmt: skip
+                 policy, rngs, matmul="xla"):  # fmt: skip
         D, F, dtype = embed_dim, mlp_dim, policy.param_dtype
-        self.policy, self.gated = policy, gated
+        self.policy, self.gated, self.matmul = policy, gated, matmul
         self.act = TRANSFORMER_ACTIVATIONS[activation]
         if gated:
             self.w_gate_up = param(rngs, (D, 2, F), ("embed", None, "mlp"), 0.02, dtype)
@@ -296,17 +310,17 @@ class FeedForward(nnx.Module):
     def __call__(self, x):
         dtype = self.policy.compute_dtype
         if self.gated:
-            gate_up = jnp.einsum("btd,dcf->btcf", x, self.w_gate_up[...].astype(dtype))
+            gate_up = project("btd,dcf->btcf", x, self.w_gate_up[...].astype(dtype), self.matmul)
             gate_up = adapted(self, "w_gate_up", x, gate_up)  # (B, T, 2, F)
             gate, up = (t[:, :, 0] for t in jnp.split(gate_up, 2, axis=2))  # (B, T, F) each
             hidden = self.act(gate) * up  # (B, T, F)
         else:
-            hidden = jnp.einsum("btd,df->btf", x, self.w_up[...].astype(dtype))  # (B, T, F)
+            hidden = project("btd,df->btf", x, self.w_up[...].astype(dtype), self.matmul)
             hidden = adapted(self, "w_up", x, hidden)
             if hasattr(self, "b_up"):
                 hidden = hidden + self.b_up[...].astype(dtype)[None, None]
             hidden = self.act(hidden)
-        out = jnp.einsum("btf,fd->btd", hidden, self.w_down[...].astype(dtype))  # (B, T, D)
+        out = project("btf,fd->btd", hidden, self.w_down[...].astype(dtype), self.matmul)
         out = adapted(self, "w_down", hidden, out)
         if hasattr(self, "b_down"):
             out = out + self.b_down[...].astype(dtype)[None, None]

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxnv.core.precision import Policy, get_policy
+from jaxnv.models import mkl
 from jaxnv.models.blocks import (  # noqa: F401  (stack_layers, layer: public names here too)
     REMAT_POLICIES,
     Block,
@@ -56,8 +57,10 @@ from jaxnv.models.layers import (
     choose_attention,
     dropout,
     param,
+    project,
     rms_norm,
 )
+from jaxnv.models.mkl import choose_matmul
 from jaxnv.models.sharding import unsharded_init
 
 POSITIONS = ("rope", "learned")
@@ -168,6 +171,7 @@ class Transformer(nnx.Module):
         mlp_bias: bool = False,
         vocab_multiple: int = 128,
         attention: str = "auto",
+        matmul: str = "xla",
         policy: Policy | str | None = None,
         pipeline=None,
         rngs: nnx.Rngs,
@@ -197,6 +201,8 @@ class Transformer(nnx.Module):
         self.attention_kernel, self.attention_reason = choose_attention(
             attention, policy.compute_dtype, self.head_dim
         )
+        self.matmul = matmul  # the projections' matmul asked for: xla | mkl (Intel MKL's sgemm)
+        self.matmul_kernel, self.matmul_reason = choose_matmul(matmul, policy.compute_dtype)
         dtype = policy.param_dtype
         out_std = 0.02 / math.sqrt(2 * num_layers)  # GPT-2: residual projections scaled by depth
         self.embedding = param(rngs, (V, D), ("vocab", "embed"), 0.02, dtype, vocab_size=vocab_size)
@@ -205,9 +211,9 @@ class Transformer(nnx.Module):
         attn_kw = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=self.head_dim,
                        rope=position == "rope", rope_theta=rope_theta, rope_scaling=rope_scaling,
                        qkv_bias=qkv_bias, out_bias=out_bias, out_std=out_std,
-                       implementation=self.attention_kernel)  # fmt: skip
-        mlp_kw = dict(mlp_dim=self.mlp_dim, gated=mlp == "gated", bias=mlp_bias,
-                      activation=activation, out_std=out_std)  # fmt: skip
+                       implementation=self.attention_kernel, matmul=self.matmul_kernel)  # fmt: skip
+        mlp_kw = dict(mlp_dim=self.mlp_dim, gated=mlp == "gated", bias=mlp_bias, out_std=out_std,
+                      activation=activation, matmul=self.matmul_kernel)  # fmt: skip
         # the blocks' params stacked, (L, ...) per param: `layer(self.blocks, i)` is block i
         self.blocks = stack_layers([
             Block(D, norm=norm, norm_eps=norm_eps, attn_kw=attn_kw, mlp_kw=mlp_kw,
@@ -223,7 +229,7 @@ class Transformer(nnx.Module):
         names = ("num_layers", "num_heads", "embed_dim", "mlp_dim", "max_seq_len", "activation",
                  "tie_embeddings", "remat", "dropout", "num_kv_heads", "head_dim", "position",
                  "rope_theta", "norm", "norm_eps", "mlp", "qkv_bias", "out_bias", "mlp_bias",
-                 "vocab_multiple", "attention")  # fmt: skip
+                 "vocab_multiple", "attention", "matmul")  # fmt: skip
         kwargs = {"vocab_size": self.vocab_size, **{n: getattr(self, n) for n in names}}
         kwargs["rope_scaling"] = None if self.rope_scaling is None else dict(self.rope_scaling)
         return kwargs
@@ -248,9 +254,13 @@ class Transformer(nnx.Module):
         x = self.final_norm(x)  # (B, T, D)
         dtype = self.policy.compute_dtype
         if self.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, self.embedding[...].astype(dtype))  # (B, T, V)
+            table = self.embedding[...].astype(dtype)  # (V, D)
+            if self.matmul_kernel == "mkl":
+                logits = mkl.matmul(x, table, transpose_w=True)  # (B, T, V)
+            else:
+                logits = jnp.einsum("btd,vd->btv", x, table)  # (B, T, V)
         else:
-            logits = jnp.einsum("btd,dv->btv", x, self.head[...].astype(dtype))  # (B, T, V)
+            logits = project("btd,dv->btv", x, self.head[...].astype(dtype), self.matmul_kernel)
         return self.policy.cast_to_output(logits[..., : self.vocab_size])  # (B, T, vocab_size)
 
     def _check_tokens(self, tokens) -> jax.Array:

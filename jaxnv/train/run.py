@@ -97,10 +97,14 @@ class Run:
 
 
 def model_notes(model) -> list[str]:
-    """Start-up lines about choices made for this machine: a transformer's attention kernel."""
+    """Start-up lines about choices made for this machine: a transformer's attention kernel and,
+    when not XLA's, its projections' matmul."""
+    notes = []
     if hasattr(model, "attention_kernel"):
-        return [f"attention: {model.attention_kernel} ({model.attention_reason})"]
-    return []
+        notes.append(f"attention: {model.attention_kernel} ({model.attention_reason})")
+    if getattr(model, "matmul_kernel", "xla") != "xla":
+        notes.append(f"matmul: {model.matmul_kernel} ({model.matmul_reason})")
+    return notes
 
 
 def _global_spec(batches, process_count: int):
@@ -132,6 +136,11 @@ def _assemble(cfg, model, loss_fn, batches, tx, learning_rate_fn, policy, loss_s
     micro = micro_batches_for(batch, ways, t.micro_batches, t.max_device_batch)
     model = with_lora(model, cfg.lora, policy, t.seed)  # lora.rank > 0: adapters, base frozen
     shapes = abstract_model(model)
+    if getattr(shapes, "matmul_kernel", "xla") == "mkl" and mesh.size > 1:
+        raise config_lib.ConfigError(
+            f"model.matmul=mkl runs on one device, not a mesh of {mesh.size}: run on one device "
+            "(unset JAXNV_CPU_DEVICES) or use model.matmul=xla"
+        )
     if not hasattr(tx, "update"):  # jaxnv's own: decay by layer shapes
         tx = tx(stacked_paths(shapes))
     template = abstract_state(model, tx, policy, rng, loss_scale=loss_scale)

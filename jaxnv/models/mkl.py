@@ -1,0 +1,169 @@
+"""The transformer's float32 projections through Intel MKL's sgemm (`model.matmul=mkl`), on the CPU.
+
+An XLA FFI call (`mkl_sgemm.cc`, beside this file) runs `cblas_sgemm` from the `mkl` wheel;
+its gradient is two more sgemm calls, with the transposes given to MKL as flags rather than
+copied. It is built once with the system C++ compiler against jaxlib's FFI headers and cached
+under `$XDG_CACHE_HOME/jaxnv/ffi` (else `~/.cache/jaxnv/ffi`). Needs: the CPU backend, float32
+compute, one device, `pip install "jaxnv[mkl]"` and a C++ compiler; the choice is made once
+and printed at start-up, like the attention kernel.
+
+    y = matmul(x, w, contract=1)   # x (..., D) @ w (D, F...): one sgemm over all leading rows
+"""
+
+from __future__ import annotations
+
+import ctypes
+import difflib
+import functools
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MATMULS = ("xla", "mkl")
+TARGET = "jaxnv_mkl_sgemm"
+SOURCE = pathlib.Path(__file__).with_name("mkl_sgemm.cc")
+FIX = "or use model.matmul=xla"
+
+
+class MatmulUnavailable(RuntimeError):
+    """model.matmul=mkl cannot run on this machine; the message names the fix."""
+
+
+def _mkl_library() -> pathlib.Path:
+    """The path of libmkl_rt from the installed `mkl` wheel."""
+    try:
+        files = importlib.metadata.distribution("mkl").files or []
+    except importlib.metadata.PackageNotFoundError:
+        raise MatmulUnavailable(
+            'model.matmul=mkl needs Intel MKL: pip install "jaxnv[mkl]" (x86-64), ' + FIX
+        ) from None
+    found = sorted(f for f in files if f.name.startswith("libmkl_rt.so"))
+    if not found:
+        raise MatmulUnavailable(f"the mkl package has no libmkl_rt.so: reinstall it, {FIX}")
+    return pathlib.Path(found[0].locate()).resolve()
+
+
+def _cache_dir() -> pathlib.Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "jaxnv" / "ffi"
+
+
+def _build(mkl: pathlib.Path) -> pathlib.Path:
+    """The compiled FFI library for this source, jaxlib and MKL (built on first use)."""
+    import jaxlib
+
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + f"{jaxlib.__version__} {mkl}".encode()).hexdigest()[:16]
+    target = _cache_dir() / f"mkl_sgemm-{key}.so"
+    if target.exists():
+        return target
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if compiler is None:
+        raise MatmulUnavailable(
+            "model.matmul=mkl builds a small XLA FFI library once and needs a C++ compiler: "
+            f"install one (apt-get install g++) or set CXX, {FIX}"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = pathlib.Path(tmp) / target.name
+        cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
+               f"-I{jax.ffi.include_dir()}", str(SOURCE), f"-L{mkl.parent}", f"-l:{mkl.name}",
+               f"-Wl,-rpath,{mkl.parent}", "-o", str(out)]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode:
+            errors = [ln for ln in done.stderr.splitlines() if "error" in ln] or [done.stderr]
+            raise MatmulUnavailable(
+                f"building the MKL matmul failed ({errors[0].strip()[:200]}): {FIX}"
+            )
+        os.replace(out, target)  # atomic: concurrent processes build the same file
+    return target
+
+
+@functools.cache
+def load() -> str:
+    """Build (once) and register the FFI target; its name. Raises MatmulUnavailable."""
+    mkl = _mkl_library()
+    # MKL's OpenMP threads otherwise spin ~200 ms after each call, starving XLA's own threads
+    os.environ.setdefault("KMP_BLOCKTIME", "0")
+    library = ctypes.CDLL(str(_build(mkl)))
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JaxnvMklSgemm), platform="cpu")
+    return TARGET
+
+
+def choose_matmul(requested: str, dtype, on: str | None = None):
+    """`(kernel, reason)`: the projections' matmul ("xla" or "mkl") for `requested` (xla | mkl)
+    and `dtype` compute on platform `on` (default: this backend). One device only: a training
+    run on a mesh of several refuses "mkl" (jaxnv/train/run.py).
+
+    "mkl" that cannot run is a one-line ValueError naming the fix (building the library on first
+    use, so a missing wheel or compiler shows here, at start-up).
+    """
+    if requested not in MATMULS:
+        close = difflib.get_close_matches(str(requested), MATMULS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"model.matmul={requested!r}: use one of {', '.join(MATMULS)}{hint}")
+    if requested == "xla":
+        return "xla", "XLA's dot (model.matmul=xla)"
+    on = on or jax.default_backend()
+    dtype = jnp.dtype(dtype)
+    if on != "cpu":
+        why_not = f"it runs on the CPU backend; this one is {on}"
+    elif dtype != jnp.float32:
+        why_not = f"it computes in float32, not {dtype.name} (precision=fp32)"
+    else:
+        why_not = None
+    if why_not:
+        raise ValueError(f"model.matmul=mkl cannot run here: {why_not}; use model.matmul=xla")
+    try:
+        load()
+    except MatmulUnavailable as e:
+        raise ValueError(str(e)) from None
+    return "mkl", "Intel MKL's sgemm through an XLA FFI call, float32"
+
+
+def _sgemm(a, b, trans_a: bool = False, trans_b: bool = False):
+    """op(a) @ op(b) for 2-D float32 a, b (op: transpose where asked) in one FFI call."""
+    m = a.shape[1] if trans_a else a.shape[0]
+    n = b.shape[0] if trans_b else b.shape[1]
+    call = jax.ffi.ffi_call(
+        load(), jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="expand_dims"
+    )
+    return call(a, b, trans_a=np.bool_(trans_a), trans_b=np.bool_(trans_b))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dot(a, b, trans_b: bool):
+    """a (M, K) @ b (K, N), or @ b.T for b (N, K) with trans_b."""
+    return _sgemm(a, b, trans_b=trans_b)
+
+
+def _dot_fwd(a, b, trans_b):
+    return _sgemm(a, b, trans_b=trans_b), (a, b)
+
+
+def _dot_bwd(trans_b, residuals, g):
+    a, b = residuals
+    if trans_b:  # c = a @ b.T: da = g @ b, db = g.T @ a
+        return _sgemm(g, b), _sgemm(g, a, trans_a=True)
+    return _sgemm(g, b, trans_b=True), _sgemm(a, g, trans_a=True)  # da = g @ b.T, db = a.T @ g
+
+
+_dot.defvjp(_dot_fwd, _dot_bwd)
+
+
+def matmul(x: jax.Array, w: jax.Array, contract: int = 1, *, transpose_w: bool = False):
+    """x's last `contract` axes against w's first `contract` (`transpose_w`: w's last, w being
+    (out..., in...)), through MKL's sgemm: (..., in...) -> (..., out...). float32 only."""
+    lead, ins = x.shape[: x.ndim - contract], x.shape[x.ndim - contract :]
+    outs = w.shape[: w.ndim - contract] if transpose_w else w.shape[contract:]
+    k, n = int(np.prod(ins)), int(np.prod(outs))
+    w2 = w.reshape(n, k) if transpose_w else w.reshape(k, n)
+    return _dot(x.reshape(-1, k), w2, transpose_w).reshape(*lead, *outs)
