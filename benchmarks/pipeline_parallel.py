@@ -139,7 +139,7 @@ def main() -> None:
     repeats = args.repeats = 2 if args.quick else args.repeats
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]); import pipeline_parallel as p; "
-        "print('RESULT ' + json.dumps(p._child(sys.argv[2] == '1', int(sys.argv[3]), int(sys.argv[4]))))"
+        "a = sys.argv; print('RESULT ' + json.dumps(p._child(a[2] == '1', int(a[3]), int(a[4]))))"
     )
     here = os.path.dirname(os.path.abspath(__file__))
     cmd = [sys.executable, "-c", code, here, "1" if args.quick else "0", str(repeats),

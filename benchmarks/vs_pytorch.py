@@ -11,7 +11,9 @@ loop's own host cost shows. PyTorch: the same model (benchmarks/transformer.py's
 jaxnv's initial weights, first loss checked to 1e-4 against the hand-written JAX model; jaxnv
 also masks the 25 padded vocabulary logits, a negligible difference in work) in eager mode,
 stepped in a paired process on one resident batch with `loss.item()` each step: the cheapest
-loop PyTorch can have. Rounds are interleaved. With --profile, a per-op breakdown of one step
+loop PyTorch can have. "jaxnv loop, model.matmul=mkl" is the same loop with the projections
+through Intel MKL's sgemm (where the mkl wheel and a C++ compiler are present; skipped
+otherwise). Rounds are interleaved. With --profile, a per-op breakdown of one step
 in both frameworks (jaxnv's `op_profile`, PyTorch's profiler), bucketed by what the op does, is
 printed before the table.
 """
@@ -41,7 +43,7 @@ from jaxnv.train.loop import _train  # noqa: E402
 from jaxnv.train.profiling import op_profile  # noqa: E402
 
 
-def make_run(layers, width, batch, seq, steps, log_every):
+def make_run(layers, width, batch, seq, steps, log_every, extra=()):
     exp = load_experiment("char_gpt")
     exp.config = apply_overrides(
         exp.config,
@@ -59,6 +61,7 @@ def make_run(layers, width, batch, seq, steps, log_every):
             "optimizer.learning_rate=1e-3",
             "logging.progress=false",
             "logging.tensorboard=false",
+            *extra,
         ],
     )
     exp.summarize = None
@@ -82,7 +85,9 @@ def bench_size(layers, width, batch, seq, steps, repeats, peak_n):
     resident = jax.device_put(host, run.plan.batch)
     holder = {"state": state}
 
-    def loop():  # seconds per step of the whole loop, from its logged windows after the first
+    def loop(
+        run=run,
+    ):  # seconds per step of the whole loop, from its logged windows after the first
         result = _train(run, None, [])
         rates = [h["steps_per_sec"] for h in result.history if h["split"] == "train"][1:]
         return 1.0 / statistics.median(rates)
@@ -92,6 +97,11 @@ def bench_size(layers, width, batch, seq, steps, repeats, peak_n):
         return dt
 
     contenders = {"jaxnv loop": loop, "jaxnv bare step": bare}
+    try:  # model.matmul=mkl: the projections through MKL's sgemm (jaxnv/models/mkl.py)
+        mkl_run = make_run(layers, width, batch, seq, steps, log_every, ["model.matmul=mkl"])
+        contenders["jaxnv loop, model.matmul=mkl"] = lambda: loop(mkl_run)
+    except ValueError as e:
+        print(f"model.matmul=mkl skipped: {e}", file=sys.stderr)
     if worker.first is not None:
         contenders["PyTorch eager"] = lambda: worker.run(steps)
     settle = {k: (lambda fn=fn: (time.sleep(0.3), fn())[1]) for k, fn in contenders.items()}

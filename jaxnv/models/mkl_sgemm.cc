@@ -44,6 +44,10 @@ static ffi::Error Sgemm(ffi::AnyBuffer a_any, ffi::AnyBuffer b_any, ffi::Result<
     b_single = b_single && bd[i] == 1;
   }
   if (batch == 0 || m == 0 || n == 0) return ffi::Error::Success();
+  constexpr int64_t kIntMax = 2147483647;  // MKL's LP64 interface takes int sizes
+  if (batch * m > kIntMax || n > kIntMax || k > kIntMax || ad[rank - 1] > kIntMax) {
+    return ffi::Error::InvalidArgument("jaxnv_mkl_sgemm: a dimension exceeds 2**31 - 1");
+  }
   if (batch == 1 || (a_full && b_single && !trans_a)) {  // one call: the rows of A stack up
     cblas_sgemm(kRowMajor, ta, tb, static_cast<int>(batch * m), static_cast<int>(n),
                 static_cast<int>(k), 1.0f, a, lda, b, ldb, 0.0f, c, static_cast<int>(n));
