@@ -71,7 +71,13 @@ def _build(mkl: pathlib.Path) -> pathlib.Path:
             "model.matmul=mkl builds a small XLA FFI library once and needs a C++ compiler: "
             f"install one (apt-get install g++) or set CXX, {FIX}"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MatmulUnavailable(
+            f"cannot create {target.parent} ({e.strerror}): set XDG_CACHE_HOME to a writable "
+            f"folder, {FIX}"
+        ) from None
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = pathlib.Path(tmp) / target.name
         cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
