@@ -1,5 +1,5 @@
 """What `jaxnv info` reports: backend, devices, the auto precision and why, the attention kernel,
-XLA's GPU overlap flags (on a GPU), library versions."""
+whether model.matmul=mkl can run, XLA's GPU overlap flags (on a GPU), library versions."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from importlib import metadata
 import jax
 
 from jaxnv.core.precision import Policy
+from jaxnv.models import mkl
 from jaxnv.models.layers import choose_attention
 from jaxnv.parallel.xla_flags import overlap_note
 
@@ -27,6 +28,7 @@ def info_lines() -> list[str]:
     ]
     kernel, why = choose_attention("auto", auto.compute_dtype, 64)
     lines.append(f"attention (auto, head dim 64, {auto.compute_dtype.name}): {kernel} ({why})")
+    lines.append(f"model.matmul=mkl: {mkl.availability()}")
     lines += filter(None, [overlap_note(jax.default_backend())])
     for name in PACKAGES:
         try:

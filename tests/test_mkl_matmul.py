@@ -22,6 +22,7 @@ from jaxnv.models import Transformer
 from jaxnv.models import mkl as mkl_mod
 from jaxnv.models.generate import generate
 from jaxnv.serve.engine import Engine, SamplingParams
+from jaxnv.serve.export import export_workdir, load
 from jaxnv.train import train
 
 TINY = ["train.steps=6", "model.num_layers=2", "model.embed_dim=64", "model.num_heads=2",
@@ -165,6 +166,7 @@ def test_where_it_cannot_run_is_a_one_line_error(tmp_path, monkeypatch):
             with pytest.raises(ValueError) as err:
                 mkl_mod.choose_matmul("mkl", jnp.float32)
             assert 'pip install "jaxnv[mkl]"' in one_line(err)
+            assert "not available" in _info_line() and "jaxnv[mkl]" in _info_line()
         with monkeypatch.context() as m:
             m.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # nothing built there yet
             m.setattr(mkl_mod.shutil, "which", lambda name: None)
@@ -175,6 +177,17 @@ def test_where_it_cannot_run_is_a_one_line_error(tmp_path, monkeypatch):
     finally:
         mkl_mod.load.cache_clear()
     assert mkl_mod.choose_matmul("mkl", jnp.float32)[0] == "mkl"  # built and registered again
+
+
+def _info_line():
+    from jaxnv.info import info_lines
+
+    (line,) = [ln for ln in info_lines() if ln.startswith("model.matmul=mkl:")]
+    return line
+
+
+def test_jaxnv_info_says_whether_it_can_run():
+    assert _info_line().startswith("model.matmul=mkl: available (float32, one device")
 
 
 def test_a_mesh_of_several_devices_is_refused_in_one_line(tmp_path):
@@ -195,3 +208,19 @@ def test_a_mesh_of_several_devices_is_refused_in_one_line(tmp_path):
     assert line, done.stderr[-2000:]
     assert "model.matmul=mkl runs on one device, not a mesh of 2" in line[0]
     assert not (tmp_path / "w").exists()  # refused before anything is written
+
+
+def test_a_run_trained_with_mkl_exports_through_xla(tmp_path):
+    """jax.export refuses custom calls without compatibility guarantees: the export of a run
+    trained with model.matmul=mkl lowers the same weights through XLA's dot instead."""
+    exp = load_experiment("char_gpt")
+    exp.config = apply_overrides(exp.config, [*TINY, "train.steps=2", "train.batch_size=8",
+                                              "model.matmul=mkl"])  # fmt: skip
+    result = train(exp, workdir=str(tmp_path / "w"), devices=jax.devices()[:1])
+    out = export_workdir(exp, str(tmp_path / "w"), str(tmp_path / "export"), platforms=("cpu",))
+    tokens = (np.arange(64, dtype=np.int32).reshape(2, 32) * 7) % 100
+    exported = load(out)(tokens)
+    trained = result.model  # the trained weights, still computing through MKL
+    assert trained.matmul_kernel == "mkl"
+    np.testing.assert_allclose(exported, np.asarray(trained(jnp.asarray(tokens))), atol=1e-5)
+    assert exp.config.model.matmul == "mkl"  # the caller's experiment is left as it was

@@ -51,6 +51,28 @@ def _mkl_library() -> pathlib.Path:
     return pathlib.Path(found[0].locate()).resolve()
 
 
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+
+
+def availability() -> str:
+    """One line for `jaxnv info`: whether model.matmul=mkl can run here, or what it lacks (it
+    checks the backend, the wheel and a compiler; it builds nothing)."""
+    if jax.default_backend() != "cpu":
+        return f"not here (it runs on the CPU backend; this one is {jax.default_backend()})"
+    try:
+        mkl = _mkl_library()
+    except MatmulUnavailable as e:
+        return f"not available: {e}"
+    if _compiler() is None:
+        return "not available: no C++ compiler to build its FFI call (apt-get install g++)"
+    return f"available (float32, one device; {mkl.name} from mkl {_mkl_version()})"
+
+
+def _mkl_version() -> str:
+    return importlib.metadata.version("mkl")
+
+
 def _cache_dir() -> pathlib.Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return pathlib.Path(base) / "jaxnv" / "ffi"
@@ -65,7 +87,7 @@ def _build(mkl: pathlib.Path) -> pathlib.Path:
     target = _cache_dir() / f"mkl_sgemm-{key}.so"
     if target.exists():
         return target
-    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    compiler = _compiler()
     if compiler is None:
         raise MatmulUnavailable(
             "model.matmul=mkl builds a small XLA FFI library once and needs a C++ compiler: "

@@ -23,6 +23,7 @@ runs the same artifact.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -316,6 +317,9 @@ def export_workdir(
         raise FileNotFoundError(
             f"no checkpoints in {workdir!r}: train first (jaxnv train {exp.name} --workdir DIR)"
         )
+    if getattr(exp.config.model, "matmul", "xla") != "xla":  # MKL's FFI call does not export:
+        exp = copy.copy(exp)  # the same weights through XLA's own dot, for every platform
+        exp.config = config_lib.apply_overrides(exp.config, ["model.matmul=xla"])
     run = build(exp, abstract=True)  # shapes and shardings: the restore makes the only copy
     ckpt = Checkpointer(directory)
     try:
