@@ -84,6 +84,34 @@ def test_matmul_under_vmap_shared_and_batched_weights():
     np.testing.assert_allclose(_f64(per_example), expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("B, T, N, K, H", [(2, 8, 4, 2, 16), (3, 16, 2, 2, 8), (1, 5, 3, 1, 4)])
+def test_causal_attention_and_its_gradients_equal_float64(B, T, N, K, H):
+    """MHA, GQA and MQA: query head n reads kv head n // (N // K), as in the Attention layer."""
+    rng = np.random.default_rng(2)
+    q = rng.normal(size=(B, T, N, H)).astype(np.float32)
+    k, v = (rng.normal(size=(B, T, K, H)).astype(np.float32) for _ in range(2))
+    G = N // K
+    q64, k64, v64 = _f64(q), np.repeat(_f64(k), G, axis=2), np.repeat(_f64(v), G, axis=2)
+    scores = np.einsum("btnh,bsnh->bnts", q64, k64) / np.sqrt(H)
+    scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.einsum("bnts,bsnh->btnh", probs, v64)
+    got = jax.jit(mkl_mod.causal_attention)(q, k, v)
+    np.testing.assert_allclose(_f64(got), out, rtol=1e-5, atol=1e-5)
+    # gradients of sum(out * w) in float64: d out = w
+    w = rng.normal(size=out.shape)
+    d_probs = np.einsum("btnh,bsnh->bnts", w, v64)
+    d_scores = probs * (d_probs - (d_probs * probs).sum(-1, keepdims=True)) / np.sqrt(H)
+    dq = np.einsum("bnts,bsnh->btnh", d_scores, k64)
+    dk = np.einsum("bnts,btnh->bsnh", d_scores, q64).reshape(B, T, K, G, H).sum(3)
+    dv = np.einsum("bnts,btnh->bsnh", probs, w).reshape(B, T, K, G, H).sum(3)
+    loss = lambda q, k, v: jnp.sum(mkl_mod.causal_attention(q, k, v) * w.astype(np.float32))  # noqa: E731
+    grads = jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, v)
+    for got, ref in zip(grads, (dq, dk, dv), strict=True):
+        np.testing.assert_allclose(_f64(got), ref, rtol=1e-4, atol=1e-5)
+
+
 def _curve(tmp_path, kernel, capsys):
     exp = load_experiment("char_gpt")
     exp.config = apply_overrides(exp.config, [*TINY, f"model.matmul={kernel}"])

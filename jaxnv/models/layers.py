@@ -276,9 +276,12 @@ class Attention(nnx.Module):
         op = accumulating_dtype(dtype)
         q, k, v = q.astype(op), k.astype(op), v.astype(op)
         kernel = self.implementation if mask is None and cache is None else "xla"
-        y = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=mask is None, implementation=kernel
-        )
+        if self.matmul == "mkl" and mask is None and cache is None:  # products through MKL
+            y = mkl.causal_attention(q, k, v)
+        else:
+            y = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=mask is None, implementation=kernel
+            )
         y = y.astype(dtype)  # (B, T, N, H)
         out = project("btnh,nhd->btd", y, self.wo[...].astype(dtype), self.matmul)  # (B, T, D)
         y = adapted(self, "wo", y, out)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 MATMULS = ("xla", "mkl")
-TARGET = "jaxnv_mkl_sgemm"
+TARGET, HEADS = "jaxnv_mkl_sgemm", "jaxnv_mkl_heads"
 SOURCE = pathlib.Path(__file__).with_name("mkl_sgemm.cc")
 FIX = "or use model.matmul=xla"
 
@@ -123,6 +123,7 @@ def load() -> str:
     os.environ.setdefault("KMP_BLOCKTIME", "0")
     library = ctypes.CDLL(str(_build(mkl)))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JaxnvMklSgemm), platform="cpu")
+    jax.ffi.register_ffi_target(HEADS, jax.ffi.pycapsule(library.JaxnvMklHeads), platform="cpu")
     return TARGET
 
 
@@ -195,3 +196,48 @@ def matmul(x: jax.Array, w: jax.Array, contract: int = 1, *, transpose_w: bool =
     k, n = int(np.prod(ins)), int(np.prod(outs))
     w2 = w.reshape(n, k) if transpose_w else w.reshape(k, n)
     return _dot(x.reshape(-1, k), w2, transpose_w).reshape(*lead, *outs)
+
+
+def _heads(a, b, mode: int, shape):
+    """Attention's per-head products (mkl_sgemm.cc: Heads) in one batched MKL call."""
+    load()
+    call = jax.ffi.ffi_call(
+        HEADS, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential"
+    )
+    return call(a, b, mode=np.int32(mode))
+
+
+def _causal_probs(q, k):
+    """softmax(q k^T / sqrt(H)) under the causal mask, (B, N, T, S), float32."""
+    B, T, N, H = q.shape
+    S = k.shape[1]
+    scores = _heads(q, k, 0, (B, N, T, S)) * (1.0 / np.sqrt(H))
+    causal = jnp.tril(jnp.ones((T, S), bool), S - T)  # query t sees keys <= t (+ S - T)
+    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+@jax.custom_vjp
+def causal_attention(q, k, v):
+    """Causal attention of q (B, T, N, H) over k, v (B, S, K, H), N a multiple of K (query head
+    n reads kv head n // (N // K)): (B, T, N, H), float32, its products through MKL."""
+    return _heads(_causal_probs(q, k), v, 1, q.shape)
+
+
+def _attention_fwd(q, k, v):
+    probs = _causal_probs(q, k)
+    return _heads(probs, v, 1, q.shape), (q, k, v, probs)
+
+
+def _attention_bwd(residuals, d_out):
+    q, k, v, probs = residuals
+    B, T, N, H = q.shape
+    d_probs = _heads(d_out, v, 0, probs.shape)  # dO V^T
+    d_scores = probs * (d_probs - jnp.sum(d_probs * probs, -1, keepdims=True)) / np.sqrt(H)
+    dq = _heads(d_scores, k, 1, q.shape)  # dS K
+    dk = _heads(d_scores, q, 2, k.shape)  # dS^T Q, summed over each kv head's query heads
+    dv = _heads(probs, d_out, 2, v.shape)  # P^T dO, likewise
+    return dq, dk, dv
+
+
+causal_attention.defvjp(_attention_fwd, _attention_bwd)

@@ -77,6 +77,98 @@ static ffi::Error Sgemm(ffi::AnyBuffer a_any, ffi::AnyBuffer b_any, ffi::Result<
   return ffi::Error::Success();
 }
 
+// MKL's grouped batch of sgemms (one group here): every product of the batch in one call.
+extern "C" void cblas_sgemm_batch(int layout, const int* trans_a, const int* trans_b, const int* m,
+                                  const int* n, const int* k, const float* alpha, const float** a,
+                                  const int* lda, const float** b, const int* ldb,
+                                  const float* beta, float** c, const int* ldc, int group_count,
+                                  const int* group_size);
+
+// Attention's per-head products on (B, T, heads, H) tensors, read and written in place through
+// leading dimensions (no transposes). G = query heads per kv head; for head n, kv head n / G.
+//   mode 0, scores: x (B, T, N, H), y (B, S, K, H) -> c (B, N, T, S) = x_n @ y_kv^T
+//   mode 1, mix:    p (B, N, T, S), y (B, S, K, H) -> c (B, T, N, H) = p_n @ y_kv
+//   mode 2, mix^T:  p (B, N, T, S), x (B, T, N, H) -> c (B, S, K, H) = sum over the G heads n
+//                   of kv head k of p_n^T @ x_n
+static ffi::Error Heads(ffi::AnyBuffer a_any, ffi::AnyBuffer b_any,
+                        ffi::Result<ffi::AnyBuffer> c_any, int32_t mode) {
+  auto ad = a_any.dimensions(), bd = b_any.dimensions(), cd = c_any->dimensions();
+  if (ad.size() != 4 || bd.size() != 4 || cd.size() != 4) {
+    return ffi::Error::InvalidArgument("jaxnv_mkl_heads: rank-4 operands");
+  }
+  const float* a = static_cast<const float*>(a_any.untyped_data());
+  const float* b = static_cast<const float*>(b_any.untyped_data());
+  float* c = static_cast<float*>(c_any->untyped_data());
+  int64_t B = ad[0], N, T, S, K, H;
+  if (mode == 0) {
+    T = ad[1], N = ad[2], H = ad[3], S = bd[1], K = bd[2];
+    if (bd[3] != H || cd[1] != N || cd[2] != T || cd[3] != S) {
+      return ffi::Error::InvalidArgument("jaxnv_mkl_heads: scores shapes");
+    }
+  } else if (mode == 1) {
+    N = ad[1], T = ad[2], S = ad[3], K = bd[2], H = bd[3];
+    if (bd[1] != S || cd[1] != T || cd[2] != N || cd[3] != H) {
+      return ffi::Error::InvalidArgument("jaxnv_mkl_heads: mix shapes");
+    }
+  } else if (mode == 2) {
+    N = ad[1], T = ad[2], S = ad[3], H = bd[3], K = cd[2];
+    if (bd[1] != T || bd[2] != N || cd[1] != S || cd[3] != H) {
+      return ffi::Error::InvalidArgument("jaxnv_mkl_heads: mix^T shapes");
+    }
+  } else {
+    return ffi::Error::InvalidArgument("jaxnv_mkl_heads: mode 0, 1 or 2");
+  }
+  if (B != bd[0] || B != cd[0] || K == 0 || N % K) {
+    return ffi::Error::InvalidArgument("jaxnv_mkl_heads: batch or head counts do not match");
+  }
+  const int64_t G = N / K;
+  const int64_t groups = mode == 2 ? G : 1;       // mode 2 accumulates the G heads in turn
+  const int64_t count = mode == 2 ? B * K : B * N;  // products per batched call
+  std::vector<const float*> as(count), bs(count);
+  std::vector<float*> cs(count);
+  for (int64_t g = 0; g < groups; ++g) {
+    int64_t i = 0;
+    for (int64_t bi = 0; bi < B; ++bi) {
+      for (int64_t h = 0; h < (mode == 2 ? K : N); ++h, ++i) {
+        const int64_t n = mode == 2 ? h * G + g : h, kv = n / G;
+        if (mode == 0) {
+          as[i] = a + (bi * T * N + n) * H;
+          bs[i] = b + (bi * S * K + kv) * H;
+          cs[i] = c + (bi * N + n) * T * S;
+        } else if (mode == 1) {
+          as[i] = a + (bi * N + n) * T * S;
+          bs[i] = b + (bi * S * K + kv) * H;
+          cs[i] = c + (bi * T * N + n) * H;
+        } else {
+          as[i] = a + (bi * N + n) * T * S;
+          bs[i] = b + (bi * T * N + n) * H;
+          cs[i] = c + (bi * S * K + kv) * H;
+        }
+      }
+    }
+    int ta, tb, m, n_, k, lda, ldb, ldc;
+    if (mode == 0) {  // (T, H) @ (S, H)^T
+      ta = kNoTrans, tb = kTrans, m = T, n_ = S, k = H, lda = N * H, ldb = K * H, ldc = S;
+    } else if (mode == 1) {  // (T, S) @ (S, H)
+      ta = kNoTrans, tb = kNoTrans, m = T, n_ = H, k = S, lda = S, ldb = K * H, ldc = N * H;
+    } else {  // (T, S)^T @ (T, H)
+      ta = kTrans, tb = kNoTrans, m = S, n_ = H, k = T, lda = S, ldb = N * H, ldc = K * H;
+    }
+    const float alpha = 1.0f, beta = g == 0 ? 0.0f : 1.0f;
+    const int size = static_cast<int>(count);
+    cblas_sgemm_batch(kRowMajor, &ta, &tb, &m, &n_, &k, &alpha, as.data(), &lda, bs.data(), &ldb,
+                      &beta, cs.data(), &ldc, 1, &size);
+  }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnvMklHeads, Heads,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("mode"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnvMklSgemm, Sgemm,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
