@@ -1,8 +1,9 @@
-"""`model.matmul=mkl`: the transformer's projections through Intel MKL's sgemm, an XLA FFI call.
+"""`model.matmul=mkl`: the transformer's matmuls through Intel MKL, as XLA FFI calls.
 
-The matmul and its gradients against float64 numpy, under jit and vmap; a training curve, the
-gradients with every remat policy and greedy decoding (offline and through the serving engine)
-against `model.matmul=xla`; the start-up line; and the one-line errors where it cannot run.
+The matmul, causal attention and their gradients against float64 numpy, under jit and vmap. A
+training curve, the gradients under every remat policy and greedy decoding (offline and in the
+serving engine) against `model.matmul=xla`; the export of an MKL run; the start-up line, `jaxnv
+info`, and the one-line errors where it cannot run.
 """
 
 import importlib.metadata

@@ -148,8 +148,8 @@ class TransformerConfig(ModelConfig):
     # the attention kernel: auto (cuDNN's fused one on an NVIDIA GPU in bf16/fp16, else XLA's),
     # xla, or cudnn (an error where it cannot run); the choice is printed at start-up
     attention: str = "auto"
-    # the projections' matmul: xla, or mkl (Intel MKL's sgemm through an XLA FFI call: CPU,
-    # float32, one device; pip install "jaxnv[mkl]" and a C++ compiler)
+    # the matmuls: xla, or mkl (the projections and attention's products through Intel MKL, as
+    # XLA FFI calls: CPU, float32, one device; pip install "jaxnv[mkl]" and a C++ compiler)
     matmul: str = "xla"
 
     related = {

@@ -1,13 +1,16 @@
-"""The transformer's float32 projections through Intel MKL's sgemm (`model.matmul=mkl`), on the CPU.
+"""The transformer's float32 matmuls through Intel MKL (`model.matmul=mkl`), on the CPU.
 
-An XLA FFI call (`mkl_sgemm.cc`, beside this file) runs `cblas_sgemm` from the `mkl` wheel;
-its gradient is two more sgemm calls, with the transposes given to MKL as flags rather than
-copied. It is built once with the system C++ compiler against jaxlib's FFI headers and cached
-under `$XDG_CACHE_HOME/jaxnv/ffi` (else `~/.cache/jaxnv/ffi`). Needs: the CPU backend, float32
-compute, one device, `pip install "jaxnv[mkl]"` and a C++ compiler; the choice is made once
-and printed at start-up, like the attention kernel.
+XLA FFI calls (`mkl_sgemm.cc`, beside this file) run the projections as `cblas_sgemm`, whose
+gradient is two more sgemm calls with the transposes given to MKL as flags rather than copied,
+and attention's per-head products (`causal_attention`) as `cblas_sgemm_batch` calls that read
+(B, T, heads, H) tensors in place. The library is built once with the system C++ compiler
+against jaxlib's FFI headers and cached under `$XDG_CACHE_HOME/jaxnv/ffi` (else
+`~/.cache/jaxnv/ffi`). Needs: the CPU backend, float32 compute, one device,
+`pip install "jaxnv[mkl]"` and a C++ compiler; the choice is made once and printed at start-up,
+like the attention kernel.
 
     y = matmul(x, w, contract=1)   # x (..., D) @ w (D, F...): one sgemm over all leading rows
+    o = causal_attention(q, k, v)  # q (B, T, N, H), k and v (B, S, K, H)
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ def load() -> str:
 
 
 def choose_matmul(requested: str, dtype, on: str | None = None):
-    """`(kernel, reason)`: the projections' matmul ("xla" or "mkl") for `requested` (xla | mkl)
+    """`(kernel, reason)`: the transformer's matmuls ("xla" or "mkl") for `requested` (xla | mkl)
     and `dtype` compute on platform `on` (default: this backend). One device only: a training
     run on a mesh of several refuses "mkl" (jaxnv/train/run.py).
 
@@ -155,7 +158,7 @@ def choose_matmul(requested: str, dtype, on: str | None = None):
         load()
     except MatmulUnavailable as e:
         raise ValueError(str(e)) from None
-    return "mkl", "Intel MKL's sgemm through an XLA FFI call, float32"
+    return "mkl", "Intel MKL's sgemm for the projections and attention, XLA FFI calls, float32"
 
 
 def _sgemm(a, b, trans_a: bool = False, trans_b: bool = False):

@@ -201,7 +201,7 @@ class Transformer(nnx.Module):
         self.attention_kernel, self.attention_reason = choose_attention(
             attention, policy.compute_dtype, self.head_dim
         )
-        self.matmul = matmul  # the projections' matmul asked for: xla | mkl (Intel MKL's sgemm)
+        self.matmul = matmul  # the matmuls asked for: xla | mkl (Intel MKL's)
         self.matmul_kernel, self.matmul_reason = choose_matmul(matmul, policy.compute_dtype)
         dtype = policy.param_dtype
         out_std = 0.02 / math.sqrt(2 * num_layers)  # GPT-2: residual projections scaled by depth

@@ -98,7 +98,7 @@ class Run:
 
 def model_notes(model) -> list[str]:
     """Start-up lines about choices made for this machine: a transformer's attention kernel and,
-    when not XLA's, its projections' matmul."""
+    when not XLA's, its matmuls."""
     notes = []
     if hasattr(model, "attention_kernel"):
         notes.append(f"attention: {model.attention_kernel} ({model.attention_reason})")
