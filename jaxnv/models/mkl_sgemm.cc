@@ -169,6 +169,72 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnvMklHeads, Heads,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("mode"));
 
+// The gated MLP's fused projection without slicing its output or concatenating its gradient:
+// x (M, D) against the two halves of w (D, 2, F), read in place (leading dimension 2F).
+//   forward:  gate = x @ w[:, 0], up = x @ w[:, 1]                         (M, F) each
+//   backward: dx = d_gate @ w[:, 0]^T + d_up @ w[:, 1]^T                    (M, D)
+//             dw[:, 0] = x^T @ d_gate, dw[:, 1] = x^T @ d_up               (D, 2, F)
+static ffi::Error GatedShapes(ffi::AnyBuffer& x, ffi::AnyBuffer& w, int64_t& m, int64_t& d,
+                              int64_t& f) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || wd[1] != 2 || wd[0] != xd[1]) {
+    return ffi::Error::InvalidArgument("jaxnv_mkl_gated: x (M, D) and w (D, 2, F)");
+  }
+  m = xd[0], d = xd[1], f = wd[2];
+  return ffi::Error::Success();
+}
+
+static ffi::Error GatedForward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> gate,
+                               ffi::Result<ffi::AnyBuffer> up) {
+  int64_t m, d, f;
+  if (auto e = GatedShapes(x, w, m, d, f); e.failure()) return e;
+  const float* xp = static_cast<const float*>(x.untyped_data());
+  const float* wp = static_cast<const float*>(w.untyped_data());
+  float* outs[2] = {static_cast<float*>(gate->untyped_data()),
+                    static_cast<float*>(up->untyped_data())};
+  for (int half = 0; half < 2; ++half) {
+    cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, m, f, d, 1.0f, xp, d, wp + half * f, 2 * f, 0.0f,
+                outs[half], f);
+  }
+  return ffi::Error::Success();
+}
+
+static ffi::Error GatedBackward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer d_gate,
+                                ffi::AnyBuffer d_up, ffi::Result<ffi::AnyBuffer> dx,
+                                ffi::Result<ffi::AnyBuffer> dw) {
+  int64_t m, d, f;
+  if (auto e = GatedShapes(x, w, m, d, f); e.failure()) return e;
+  const float* xp = static_cast<const float*>(x.untyped_data());
+  const float* wp = static_cast<const float*>(w.untyped_data());
+  const float* grads[2] = {static_cast<const float*>(d_gate.untyped_data()),
+                           static_cast<const float*>(d_up.untyped_data())};
+  float* dxp = static_cast<float*>(dx->untyped_data());
+  float* dwp = static_cast<float*>(dw->untyped_data());
+  for (int half = 0; half < 2; ++half) {
+    cblas_sgemm(kRowMajor, kNoTrans, kTrans, m, d, f, 1.0f, grads[half], f, wp + half * f, 2 * f,
+                half ? 1.0f : 0.0f, dxp, d);
+    cblas_sgemm(kRowMajor, kTrans, kNoTrans, d, f, m, 1.0f, xp, d, grads[half], f, 0.0f,
+                dwp + half * f, 2 * f);
+  }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnvMklGatedForward, GatedForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnvMklGatedBackward, GatedBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnvMklSgemm, Sgemm,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
