@@ -19,7 +19,6 @@ from flax import nnx
 
 from jaxnv.core.precision import Policy, accumulating_dtype
 from jaxnv.models import mkl
-from jaxnv.models.lora import SUFFIX as LORA_SUFFIX
 from jaxnv.models.lora import adapted
 from jaxnv.models.mlp import ACTIVATIONS
 
@@ -313,11 +312,7 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x):
         dtype = self.policy.compute_dtype
-        if self.gated and self.matmul == "mkl" and not hasattr(self, "w_gate_up" + LORA_SUFFIX):
-            # MKL reads the two halves of (D, 2, F) in place: no slices, no concatenated gradient
-            gate, up = mkl.gated_projection(x, self.w_gate_up[...].astype(dtype))  # (B, T, F)
-            hidden = self.act(gate) * up
-        elif self.gated:
+        if self.gated:
             gate_up = project("btd,dcf->btcf", x, self.w_gate_up[...].astype(dtype), self.matmul)
             gate_up = adapted(self, "w_gate_up", x, gate_up)  # (B, T, 2, F)
             gate, up = (t[:, :, 0] for t in jnp.split(gate_up, 2, axis=2))  # (B, T, F) each

@@ -32,7 +32,6 @@ import numpy as np
 
 MATMULS = ("xla", "mkl")
 TARGET, HEADS = "jaxnv_mkl_sgemm", "jaxnv_mkl_heads"
-GATED_FWD, GATED_BWD = "jaxnv_mkl_gated_forward", "jaxnv_mkl_gated_backward"
 SOURCE = pathlib.Path(__file__).with_name("mkl_sgemm.cc")
 FIX = "or use model.matmul=xla"
 
@@ -127,9 +126,7 @@ def load() -> str:
     os.environ.setdefault("KMP_BLOCKTIME", "0")
     library = ctypes.CDLL(str(_build(mkl)))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JaxnvMklSgemm), platform="cpu")
-    for name, symbol in ((HEADS, library.JaxnvMklHeads), (GATED_FWD, library.JaxnvMklGatedForward),
-                         (GATED_BWD, library.JaxnvMklGatedBackward)):  # fmt: skip
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
+    jax.ffi.register_ffi_target(HEADS, jax.ffi.pycapsule(library.JaxnvMklHeads), platform="cpu")
     return TARGET
 
 
@@ -247,33 +244,3 @@ def _attention_bwd(residuals, d_out):
 
 
 causal_attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-@jax.custom_vjp
-def gated_projection(x, w):
-    """`(gate, up)`, each (..., F): x (..., D) against the halves w[:, 0] and w[:, 1] of the gated
-    MLP's (D, 2, F) weight, read in place (no slices of the output, no concatenated gradient)."""
-    return _gated_fwd(x, w)[0]
-
-
-def _gated_fwd(x, w):
-    lead, (D, _, F) = x.shape[:-1], w.shape
-    half = jax.ShapeDtypeStruct((int(np.prod(lead)), F), jnp.float32)
-    call = jax.ffi.ffi_call(GATED_FWD, (half, half), vmap_method="sequential")
-    load()
-    gate, up = call(x.reshape(-1, D), w)
-    return (gate.reshape(*lead, F), up.reshape(*lead, F)), (x, w)
-
-
-def _gated_bwd(residuals, grads):
-    x, w = residuals
-    D, F = w.shape[0], w.shape[2]
-    shapes = (jax.ShapeDtypeStruct((int(np.prod(x.shape[:-1])), D), jnp.float32),
-              jax.ShapeDtypeStruct(w.shape, jnp.float32))  # fmt: skip
-    call = jax.ffi.ffi_call(GATED_BWD, shapes, vmap_method="sequential")
-    d_gate, d_up = (g.reshape(-1, F) for g in grads)
-    dx, dw = call(x.reshape(-1, D), w, d_gate, d_up)
-    return dx.reshape(x.shape), dw
-
-
-gated_projection.defvjp(_gated_fwd, _gated_bwd)
