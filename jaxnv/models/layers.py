@@ -229,7 +229,7 @@ class Attention(nnx.Module):
         self.rope, self.rope_theta = rope, rope_theta
         # the kernel for causal attention without a cache (training, prefill): xla | cudnn
         self.implementation = choose_attention(implementation, policy.compute_dtype, H)[0]
-        self.matmul = matmul  # the projections' kernel: xla | mkl (already chosen)
+        self.matmul = matmul  # projections and causal attention's products: xla | mkl
         # a tuple, not a dict: static module data must be hashable
         self.rope_scaling = None if rope_scaling is None else tuple(sorted(rope_scaling.items()))
         dtype = policy.param_dtype
@@ -250,9 +250,8 @@ class Attention(nnx.Module):
         dtype = self.policy.compute_dtype
         B, T, _ = x.shape
         G = self.num_heads // self.num_kv_heads
-        qkv = project(
-            "btd,dkgh->btkgh", x, self.wqkv[...].astype(dtype), self.matmul
-        )  # (B,T,K,G+2,H)
+        wqkv = self.wqkv[...].astype(dtype)
+        qkv = project("btd,dkgh->btkgh", x, wqkv, self.matmul)  # (B, T, K, G+2, H)
         qkv = adapted(self, "wqkv", x, qkv)  # + its LoRA adapter's, if any (jaxnv.models.lora)
         if hasattr(self, "bqkv"):
             qkv = qkv + self.bqkv[...].astype(dtype)[None, None]

@@ -110,9 +110,10 @@ def _build(mkl: pathlib.Path) -> pathlib.Path:
                f"-Wl,-rpath,{mkl.parent}", "-o", str(out)]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode:
-            errors = [ln for ln in done.stderr.splitlines() if "error" in ln] or [done.stderr]
+            lines = done.stderr.splitlines()
+            first = next((ln for ln in lines if "error" in ln), " ".join(done.stderr.split()))
             raise MatmulUnavailable(
-                f"building the MKL matmul failed ({errors[0].strip()[:200]}): {FIX}"
+                f"building the MKL matmul failed ({first.strip()[:200]}): {FIX}"
             )
         os.replace(out, target)  # atomic: concurrent processes build the same file
     return target
@@ -124,7 +125,10 @@ def load() -> str:
     mkl = _mkl_library()
     # MKL's OpenMP threads otherwise spin ~200 ms after each call, starving XLA's own threads
     os.environ.setdefault("KMP_BLOCKTIME", "0")
-    library = ctypes.CDLL(str(_build(mkl)))
+    try:
+        library = ctypes.CDLL(str(_build(mkl)))
+    except OSError as e:  # e.g. a library MKL needs is missing
+        raise MatmulUnavailable(f"loading the MKL matmul failed ({e}): {FIX}") from None
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JaxnvMklSgemm), platform="cpu")
     jax.ffi.register_ffi_target(HEADS, jax.ffi.pycapsule(library.JaxnvMklHeads), platform="cpu")
     return TARGET
