@@ -104,3 +104,18 @@ def test_gloo_chatter_is_dropped_even_when_two_reports_interleave():
     kept = ["step 30/30 eval: accuracy=0.87, loss=0.2865\n", "7\n", "\n", "my peer ranks: 3\n"]
     assert all(distributed.is_chatter(line) for line in chatter)
     assert not any(distributed.is_chatter(line) for line in kept)
+
+
+def test_gloo_chatter_split_at_any_piece_and_its_stray_number_are_dropped():
+    """Three reports interleaved, the last number on a line of its own (seen in CI)."""
+    out = [
+        "[Gloo] Rank 2 is connected to 7 peer ranks. Expected number of connected peer ranks is : "
+        "[Gloo] Rank 1 is connected to 7 peer ranks. [Gloo] Rank 3 is connected to 7 peer ranks. "
+        "Expected number of connected peer ranks is : 7\n",
+        "Expected number of connected peer ranks is : 7\n",
+        "7\n",
+        "step 30/30 eval: accuracy=0.87, loss=0.2865\n",
+        "12\n",  # a number of the user's own, not after chatter
+        "jaxnv: done in 11.6 s\n",
+    ]
+    assert list(distributed.drop_chatter(out)) == out[3:]

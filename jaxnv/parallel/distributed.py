@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -150,24 +149,35 @@ def _free_port() -> int:
 
 
 # gloo's connection reports, one per process pair and collective group: noise, not news. gloo
-# writes each in pieces from several threads, so two reports can interleave mid-line: a line
-# made only of those pieces is chatter, whatever their order.
-_CHATTER = re.compile(
-    r"^(?:\s|\[Gloo\] Rank |\d+| is connected to | peer ranks\. Expected number of connected "
-    r"peer ranks is : ?)+$"
+# writes each in pieces from several threads, so reports interleave at any piece boundary and
+# a report's last number can land on a line of its own: a line made only of the reports' words
+# and numbers is chatter, whatever their order, and so is a bare number right after chatter.
+_CHATTER_WORDS = frozenset(
+    "[Gloo] Rank is connected to peer ranks. ranks Expected number of :".split()
 )
 
 
 def is_chatter(line: str) -> bool:
     """Whether `line` holds only (pieces of) gloo's "Rank i is connected to n peer ranks"."""
-    pieces = ("[Gloo]", "is connected to", "peer ranks")
-    return any(p in line for p in pieces) and bool(_CHATTER.match(line))
+    words = line.replace("[Gloo]", " [Gloo] ").split()  # a report can start mid-number
+    if not any(w in _CHATTER_WORDS for w in words):
+        return False
+    return all(w in _CHATTER_WORDS or w.isdigit() for w in words)
+
+
+def drop_chatter(lines):
+    """`lines` without gloo's connection reports (see `is_chatter`)."""
+    after_chatter = False
+    for line in lines:
+        if is_chatter(line) or (after_chatter and line.strip().isdigit()):
+            after_chatter = True
+            continue
+        after_chatter = False
+        yield line
 
 
 def _stream(proc: subprocess.Popen, prefix: str) -> None:
-    for line in iter(proc.stdout.readline, ""):
-        if is_chatter(line):
-            continue
+    for line in drop_chatter(iter(proc.stdout.readline, "")):
         sys.stdout.write(f"{prefix}{line}")
         sys.stdout.flush()
 
