@@ -85,32 +85,70 @@ def test_matmul_under_vmap_shared_and_batched_weights():
     np.testing.assert_allclose(_f64(per_example), expected, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("B, T, N, K, H", [(2, 8, 4, 2, 16), (3, 16, 2, 2, 8), (1, 5, 3, 1, 4)])
-def test_causal_attention_and_its_gradients_equal_float64(B, T, N, K, H):
-    """MHA, GQA and MQA: query head n reads kv head n // (N // K), as in the Attention layer."""
+def _reference64(x, positions, G, theta=10000.0):
+    """Plain-jnp causal attention from the packed (B, T, K, G+2, H), RoPE (rotate-half) at
+    `positions` (T,) or (B, T) or none: run under jax.enable_x64 on float64 input."""
+    B, T, K, _, H = x.shape
+    q, k, v = x[:, :, :, :G].reshape(B, T, K * G, H), x[:, :, :, G], x[:, :, :, G + 1]
+    if positions is not None:
+        inv = 1.0 / theta ** (jnp.arange(0, H, 2, dtype=jnp.float64) / H)
+        positions = jnp.broadcast_to(jnp.asarray(positions, jnp.float64), (B, T))
+        angles = (positions[..., None] * inv[None, None])[:, :, None]  # (B, T, 1, H/2)
+        c, s = jnp.cos(angles), jnp.sin(angles)
+
+        def rotate(t):
+            t1, t2 = t[..., : H // 2], t[..., H // 2 :]
+            return jnp.concatenate([t1 * c - t2 * s, t2 * c + t1 * s], -1)
+
+        q, k = rotate(q), rotate(k)
+    k, v = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
+    scores = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(H)
+    scores = jnp.where(jnp.tril(jnp.ones((T, T), bool)), scores, -jnp.inf)
+    return jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(scores, axis=-1), v)
+
+
+@pytest.mark.parametrize(
+    "B, T, N, K, H, positions",
+    [
+        (2, 8, 4, 2, 16, "shared"),  # GQA
+        (3, 45, 2, 2, 8, "per row"),  # MHA, rows past one 32-row block, offsets per row
+        (1, 5, 3, 1, 4, "shared"),  # MQA
+        (2, 33, 2, 1, 6, None),  # no RoPE (learned positions)
+    ],
+)
+def test_packed_causal_attention_and_its_gradients_equal_float64(B, T, N, K, H, positions):
+    """From the packed projection (B, T, K, G+2, H), query head n = k * G + g on kv head k, as
+    the Attention layer packs it; RoPE rotates queries and keys first."""
+    from jaxnv.models.layers import rope_tables
+
     rng = np.random.default_rng(2)
-    q = rng.normal(size=(B, T, N, H)).astype(np.float32)
-    k, v = (rng.normal(size=(B, T, K, H)).astype(np.float32) for _ in range(2))
     G = N // K
-    q64, k64, v64 = _f64(q), np.repeat(_f64(k), G, axis=2), np.repeat(_f64(v), G, axis=2)
-    scores = np.einsum("btnh,bsnh->bnts", q64, k64) / np.sqrt(H)
-    scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    out = np.einsum("bnts,bsnh->btnh", probs, v64)
-    got = jax.jit(mkl_mod.causal_attention)(q, k, v)
-    np.testing.assert_allclose(_f64(got), out, rtol=1e-5, atol=1e-5)
-    # gradients of sum(out * w) in float64: d out = w
-    w = rng.normal(size=out.shape)
-    d_probs = np.einsum("btnh,bsnh->bnts", w, v64)
-    d_scores = probs * (d_probs - (d_probs * probs).sum(-1, keepdims=True)) / np.sqrt(H)
-    dq = np.einsum("bnts,bsnh->btnh", d_scores, k64)
-    dk = np.einsum("bnts,btnh->bsnh", d_scores, q64).reshape(B, T, K, G, H).sum(3)
-    dv = np.einsum("bnts,btnh->bsnh", probs, w).reshape(B, T, K, G, H).sum(3)
-    loss = lambda q, k, v: jnp.sum(mkl_mod.causal_attention(q, k, v) * w.astype(np.float32))  # noqa: E731
-    grads = jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, v)
-    for got, ref in zip(grads, (dq, dk, dv), strict=True):
-        np.testing.assert_allclose(_f64(got), ref, rtol=1e-4, atol=1e-5)
+    qkv = rng.normal(size=(B, T, K, G + 2, H)).astype(np.float32)
+    pos = None
+    if positions == "shared":
+        pos = np.arange(T)
+    elif positions == "per row":
+        pos = np.arange(T)[None] + rng.integers(0, 100, size=(B, 1))
+    w = rng.normal(size=(B, T, N, H))  # the gradient of sum(out * w)
+
+    tables = () if pos is None else rope_tables(jnp.asarray(pos), H)
+    attend = jax.jit(lambda x: mkl_mod.packed_causal_attention(x, *tables))
+    got = attend(qkv)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(attend(x) * w.astype(np.float32))))(qkv)
+    with jax.enable_x64(True):
+        out = _reference64(_f64(qkv), pos, G)
+        ref_grad = jax.grad(lambda x: jnp.sum(_reference64(x, pos, G) * w))(_f64(qkv))
+    assert got.shape == (B, T, N, H) and grad.shape == qkv.shape
+    np.testing.assert_allclose(_f64(got), np.asarray(out), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_f64(grad), np.asarray(ref_grad), rtol=1e-4, atol=1e-5)
+
+
+def test_packed_causal_attention_under_vmap():
+    """vmap over a leading axis runs one call per element: the same as each alone."""
+    qkv = np.random.default_rng(3).normal(size=(3, 2, 9, 1, 3, 4)).astype(np.float32)
+    both = jax.jit(jax.vmap(mkl_mod.packed_causal_attention))(qkv)
+    for i in range(3):
+        np.testing.assert_array_equal(both[i], mkl_mod.packed_causal_attention(qkv[i]))
 
 
 def test_lora_adapters_with_mkl_equal_xla():

@@ -141,17 +141,23 @@ def rope_inv_freq(head_dim: int, theta: float = 10000.0, scaling: dict | None = 
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
+def rope_tables(positions, head_dim: int, theta: float = 10000.0, scaling: dict | None = None):
+    """RoPE's (cos, sin) at positions (T,) or (B, T): (T, H/2) or (B, T, H/2), float32."""
+    inv_freq = jnp.asarray(rope_inv_freq(head_dim, theta, scaling))  # (H/2,)
+    inv_freq = inv_freq.reshape((1,) * positions.ndim + (-1,))  # (1.., H/2)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (T, H/2) or (B, T, H/2)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
 def apply_rope(x, positions, theta: float = 10000.0, scaling: dict | None = None) -> jax.Array:
     """Rotary position embedding (rotate-half form) of x (B, T, N, H) at positions (T,) or (B, T).
 
     Pairs (x[i], x[i + H/2]) are rotated by the angle pos * inv_freq[i], so the dot product of
     a rotated query and key depends only on their relative position. Computed in float32.
     """
-    inv_freq = jnp.asarray(rope_inv_freq(x.shape[-1], theta, scaling))  # (H/2,)
-    inv_freq = inv_freq.reshape((1,) * positions.ndim + (-1,))  # (1.., H/2)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (T, H/2) or (B, T, H/2)
-    angles = angles[None, :, None, :] if positions.ndim == 1 else angles[:, :, None, :]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)  # (1 or B, T, 1, H/2)
+    cos, sin = rope_tables(positions, x.shape[-1], theta, scaling)
+    lead = (None,) if positions.ndim == 1 else ()
+    cos, sin = cos[(*lead, ..., None, slice(None))], sin[(*lead, ..., None, slice(None))]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # (B, T, N, H/2) each
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # (B, T, N, H)
     return out.astype(x.dtype)
@@ -255,12 +261,19 @@ class Attention(nnx.Module):
         qkv = adapted(self, "wqkv", x, qkv)  # + its LoRA adapter's, if any (jaxnv.models.lora)
         if hasattr(self, "bqkv"):
             qkv = qkv + self.bqkv[...].astype(dtype)[None, None]
+        scaling = None if self.rope_scaling is None else dict(self.rope_scaling)
+        if self.matmul == "mkl" and mask is None and cache is None:
+            # one fused MKL call each way: RoPE, the products and the softmax from the packed
+            # projection, whose gradient comes back packed (no split, no concatenation)
+            H = qkv.shape[-1]
+            tables = rope_tables(positions, H, self.rope_theta, scaling) if self.rope else ()
+            y = mkl.packed_causal_attention(qkv, *tables).astype(dtype)  # (B, T, N, H)
+            return self._out(y), cache
         # a split (whose gradient is one concatenation), not slices (padded copies each)
         q, k, v = jnp.split(qkv, [G, G + 1], axis=3)
         q = q.reshape(B, T, self.num_heads, -1)  # (B, T, N, H): head n = k * G + g
         k, v = k[:, :, :, 0], v[:, :, :, 0]  # (B, T, K, H) each
         if self.rope:
-            scaling = None if self.rope_scaling is None else dict(self.rope_scaling)
             q = apply_rope(q, positions, self.rope_theta, scaling)
             k = apply_rope(k, positions, self.rope_theta, scaling)
         if cache is not None:
@@ -275,18 +288,19 @@ class Attention(nnx.Module):
         op = accumulating_dtype(dtype)
         q, k, v = q.astype(op), k.astype(op), v.astype(op)
         kernel = self.implementation if mask is None and cache is None else "xla"
-        if self.matmul == "mkl" and mask is None and cache is None:  # products through MKL
-            y = mkl.causal_attention(q, k, v)
-        else:
-            y = jax.nn.dot_product_attention(
-                q, k, v, mask=mask, is_causal=mask is None, implementation=kernel
-            )
-        y = y.astype(dtype)  # (B, T, N, H)
+        y = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=mask is None, implementation=kernel
+        )
+        return self._out(y.astype(dtype)), cache
+
+    def _out(self, y):
+        """The output projection of y (B, T, N, H) -> (B, T, D), with its adapter and bias."""
+        dtype = self.policy.compute_dtype
         out = project("btnh,nhd->btd", y, self.wo[...].astype(dtype), self.matmul)  # (B, T, D)
         y = adapted(self, "wo", y, out)
         if hasattr(self, "bo"):
             y = y + self.bo[...].astype(dtype)[None, None]
-        return y, cache
+        return y
 
 
 # ----------------------------------------------------------------------------------------- MLP

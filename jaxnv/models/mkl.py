@@ -2,15 +2,16 @@
 
 XLA FFI calls (`mkl_sgemm.cc`, beside this file) run the projections as `cblas_sgemm`, whose
 gradient is two more sgemm calls with the transposes given to MKL as flags rather than copied,
-and attention's per-head products (`causal_attention`) as `cblas_sgemm_batch` calls that read
-(B, T, heads, H) tensors in place. The library is built once with the system C++ compiler
-against jaxlib's FFI headers and cached under `$XDG_CACHE_HOME/jaxnv/ffi` (else
-`~/.cache/jaxnv/ffi`). Needs: the CPU backend, float32 compute, one device,
-`pip install "jaxnv[mkl]"` and a C++ compiler; the choice is made once and printed at start-up,
-like the attention kernel.
+and causal self-attention (`packed_causal_attention`) as one fused call each way: RoPE, the
+products and the softmax straight from the packed q/k/v projection, with the gradient written
+back packed. Both split their work over XLA's own intra-op threads, one single-threaded MKL call
+per thread. The library is built once with the system C++ compiler against jaxlib's FFI headers
+and cached under `$XDG_CACHE_HOME/jaxnv/ffi` (else `~/.cache/jaxnv/ffi`). Needs: the CPU
+backend, float32 compute, one device, `pip install "jaxnv[mkl]"` and a C++ compiler; the choice
+is made once and printed at start-up, like the attention kernel.
 
-    y = matmul(x, w, contract=1)   # x (..., D) @ w (D, F...): one sgemm over all leading rows
-    o = causal_attention(q, k, v)  # q (B, T, N, H), k and v (B, S, K, H)
+    y = matmul(x, w, contract=1)               # x (..., D) @ w (D, F...): one sgemm
+    o = packed_causal_attention(qkv, cos, sin)  # qkv (B, T, K, G+2, H) -> (B, T, K*G, H)
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 MATMULS = ("xla", "mkl")
-TARGET, HEADS = "jaxnv_mkl_sgemm", "jaxnv_mkl_heads"
+TARGET = "jaxnv_mkl_sgemm"
+ATTENTION, ATTENTION_GRAD = "jaxnv_mkl_attention", "jaxnv_mkl_attention_grad"
 SOURCE = pathlib.Path(__file__).with_name("mkl_sgemm.cc")
 FIX = "or use model.matmul=xla"
 
@@ -123,14 +125,15 @@ def _build(mkl: pathlib.Path) -> pathlib.Path:
 def load() -> str:
     """Build (once) and register the FFI target; its name. Raises MatmulUnavailable."""
     mkl = _mkl_library()
-    # MKL's OpenMP threads otherwise spin ~200 ms after each call, starving XLA's own threads
-    os.environ.setdefault("KMP_BLOCKTIME", "0")
     try:
         library = ctypes.CDLL(str(_build(mkl)))
     except OSError as e:  # e.g. a library MKL needs is missing
         raise MatmulUnavailable(f"loading the MKL matmul failed ({e}): {FIX}") from None
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.JaxnvMklSgemm), platform="cpu")
-    jax.ffi.register_ffi_target(HEADS, jax.ffi.pycapsule(library.JaxnvMklHeads), platform="cpu")
+    targets = {TARGET: "JaxnvMklSgemm", ATTENTION: "JaxnvMklAttention",
+               ATTENTION_GRAD: "JaxnvMklAttentionGrad"}  # fmt: skip
+    for name, symbol in targets.items():
+        capsule = jax.ffi.pycapsule(getattr(library, symbol))
+        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
     return TARGET
 
 
@@ -205,46 +208,53 @@ def matmul(x: jax.Array, w: jax.Array, contract: int = 1, *, transpose_w: bool =
     return _dot(x.reshape(-1, k), w2, transpose_w).reshape(*lead, *outs)
 
 
-def _heads(a, b, mode: int, shape):
-    """Attention's per-head products (mkl_sgemm.cc: Heads) in one batched MKL call."""
+def _tables(qkv, cos, sin):
+    """RoPE tables as the FFI call takes them, (1 or B, T, H/2) float32 (dummies without)."""
+    if cos is None:
+        dummy = jnp.zeros((1, 1, 1), jnp.float32)
+        return dummy, dummy
+    shape = (cos.shape[0] if cos.ndim == 3 else 1, qkv.shape[1], qkv.shape[-1] // 2)
+    return (jnp.broadcast_to(t, shape).astype(jnp.float32) for t in (cos, sin))
+
+
+def _attention_call(qkv, cos, sin, rope: bool):
+    B, T, K, G2, H = qkv.shape
     load()
-    call = jax.ffi.ffi_call(
-        HEADS, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential"
+    out = (
+        jax.ShapeDtypeStruct((B, T, K * (G2 - 2), H), jnp.float32),
+        jax.ShapeDtypeStruct((B, K * (G2 - 2), T, T), jnp.float32),
     )
-    return call(a, b, mode=np.int32(mode))
+    call = jax.ffi.ffi_call(ATTENTION, out, vmap_method="sequential")
+    return call(qkv, cos, sin, rope=np.bool_(rope))
 
 
-def _causal_probs(q, k):
-    """softmax(q k^T / sqrt(H)) under the causal mask, (B, N, T, S), float32."""
-    B, T, N, H = q.shape
-    S = k.shape[1]
-    scores = _heads(q, k, 0, (B, N, T, S)) * (1.0 / np.sqrt(H))
-    causal = jnp.tril(jnp.ones((T, S), bool), S - T)  # query t sees keys <= t (+ S - T)
-    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(scores, axis=-1)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _packed(qkv, cos, sin, rope):
+    return _attention_call(qkv, cos, sin, rope)[0]
 
 
-@jax.custom_vjp
-def causal_attention(q, k, v):
-    """Causal attention of q (B, T, N, H) over k, v (B, S, K, H), N a multiple of K (query head
-    n reads kv head n // (N // K)): (B, T, N, H), float32, its products through MKL."""
-    return _heads(_causal_probs(q, k), v, 1, q.shape)
+def _packed_fwd(qkv, cos, sin, rope):
+    y, probs = _attention_call(qkv, cos, sin, rope)
+    return y, (qkv, cos, sin, probs)
 
 
-def _attention_fwd(q, k, v):
-    probs = _causal_probs(q, k)
-    return _heads(probs, v, 1, q.shape), (q, k, v, probs)
+def _packed_bwd(rope, residuals, dy):
+    qkv, cos, sin, probs = residuals
+    call = jax.ffi.ffi_call(
+        ATTENTION_GRAD, jax.ShapeDtypeStruct(qkv.shape, jnp.float32), vmap_method="sequential"
+    )
+    dqkv = call(qkv, cos, sin, probs, dy.astype(jnp.float32), rope=np.bool_(rope))
+    return dqkv, jnp.zeros_like(cos), jnp.zeros_like(sin)
 
 
-def _attention_bwd(residuals, d_out):
-    q, k, v, probs = residuals
-    B, T, N, H = q.shape
-    d_probs = _heads(d_out, v, 0, probs.shape)  # dO V^T
-    d_scores = probs * (d_probs - jnp.sum(d_probs * probs, -1, keepdims=True)) / np.sqrt(H)
-    dq = _heads(d_scores, k, 1, q.shape)  # dS K
-    dk = _heads(d_scores, q, 2, k.shape)  # dS^T Q, summed over each kv head's query heads
-    dv = _heads(probs, d_out, 2, v.shape)  # P^T dO, likewise
-    return dq, dk, dv
+_packed.defvjp(_packed_fwd, _packed_bwd)
 
 
-causal_attention.defvjp(_attention_fwd, _attention_bwd)
+def packed_causal_attention(qkv, cos=None, sin=None):
+    """Causal self-attention from the packed projection qkv (B, T, K, G+2, H), float32: for kv
+    head k, slots 0..G-1 hold its query heads (head n = k * G + g), slot G its key, slot G+1 its
+    value. With RoPE tables cos, sin ((T, H/2) or (B, T, H/2)), queries and keys are rotated
+    first (rotate-half, as `apply_rope`). Returns (B, T, K * G, H); one fused MKL call each way."""
+    rope = cos is not None
+    cos, sin = _tables(qkv, cos, sin)
+    return _packed(qkv.astype(jnp.float32), cos, sin, rope)

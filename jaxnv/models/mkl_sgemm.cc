@@ -1,6 +1,13 @@
 // jaxnv's float32 matmul through Intel MKL's cblas_sgemm, as an XLA FFI call on the CPU.
 // Built once by jaxnv/models/mkl.py with the system C++ compiler; see docs/performance.md.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
 #include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -13,9 +20,64 @@ extern "C" void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, 
                             int ldc);
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 
+extern "C" int MKL_Set_Num_Threads_Local(int nt);
+
+// Runs body(0..n-1) on the caller and up to (threads - 1) pool workers. The caller waits only
+// for tasks a running worker has claimed, so a busy pool cannot deadlock it; a worker that
+// starts late finds nothing left and touches nothing but the shared counters.
+template <typename F>
+static void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& body) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, n, &body]() {
+    const int previous = MKL_Set_Num_Threads_Local(1);
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+      body(i);
+      if (state->done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+    MKL_Set_Num_Threads_Local(previous);
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work(); });
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n; });
+}
+
+// op(A) (m, k) @ op(B) (k, n) -> C (m, n), row-major, split into one block of C's rows (or
+// columns, whichever is longer) per thread of XLA's intra-op pool, each a single-threaded MKL
+// call. MKL's own threads would fight XLA's pool threads, which spin between ops, for the cores.
+static void Gemm(ffi::ThreadPool& pool, int ta, int tb, int64_t m, int64_t n, int64_t k,
+                 const float* a, int lda, const float* b, int ldb, float beta, float* c, int ldc) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const bool by_rows = m >= n;
+  const int64_t len = by_rows ? m : n;
+  const int64_t chunk = std::max<int64_t>(16, (len / threads + 15) / 16 * 16);  // 64-byte aligned
+  const int64_t tasks = (len + chunk - 1) / chunk;
+  ParallelFor(pool, tasks, [&](int64_t t) {
+    const int64_t lo = t * chunk, rows = std::min(chunk, len - lo);
+    if (by_rows) {  // rows of op(A): A's rows, or its columns when transposed
+      const float* at = ta == kTrans ? a + lo : a + lo * lda;
+      cblas_sgemm(kRowMajor, ta, tb, static_cast<int>(rows), static_cast<int>(n),
+                  static_cast<int>(k), 1.0f, at, lda, b, ldb, beta, c + lo * ldc, ldc);
+    } else {  // columns of op(B): B's columns, or its rows when transposed
+      const float* bt = tb == kTrans ? b + lo * ldb : b + lo;
+      cblas_sgemm(kRowMajor, ta, tb, static_cast<int>(m), static_cast<int>(rows),
+                  static_cast<int>(k), 1.0f, a, lda, bt, ldb, beta, c + lo, ldc);
+    }
+  });
+}
+
 // C = op(A) @ op(B), row-major. A (..., r, c) and B (..., r, c) share C's leading (batch) dims,
 // where a dim of size 1 broadcasts (vmap's "expand_dims" calls); op transposes the last two.
-static ffi::Error Sgemm(ffi::AnyBuffer a_any, ffi::AnyBuffer b_any, ffi::Result<ffi::AnyBuffer> c_any,
+static ffi::Error Sgemm(ffi::ThreadPool pool, ffi::AnyBuffer a_any, ffi::AnyBuffer b_any, ffi::Result<ffi::AnyBuffer> c_any,
                         bool trans_a, bool trans_b) {
   auto ad = a_any.dimensions(), bd = b_any.dimensions(), cd = c_any->dimensions();
   const size_t rank = cd.size();
@@ -49,8 +111,7 @@ static ffi::Error Sgemm(ffi::AnyBuffer a_any, ffi::AnyBuffer b_any, ffi::Result<
     return ffi::Error::InvalidArgument("jaxnv_mkl_sgemm: a dimension exceeds 2**31 - 1");
   }
   if (batch == 1 || (a_full && b_single && !trans_a)) {  // one call: the rows of A stack up
-    cblas_sgemm(kRowMajor, ta, tb, static_cast<int>(batch * m), static_cast<int>(n),
-                static_cast<int>(k), 1.0f, a, lda, b, ldb, 0.0f, c, static_cast<int>(n));
+    Gemm(pool, ta, tb, batch * m, n, k, a, lda, b, ldb, 0.0f, c, static_cast<int>(n));
     return ffi::Error::Success();
   }
   // one call per batch element; a broadcast dim (size 1) has stride 0
@@ -71,106 +132,232 @@ static ffi::Error Sgemm(ffi::AnyBuffer a_any, ffi::AnyBuffer b_any, ffi::Result<
       oa += idx * a_stride[i];
       ob += idx * b_stride[i];
     }
-    cblas_sgemm(kRowMajor, ta, tb, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k),
-                1.0f, a + oa, lda, b + ob, ldb, 0.0f, c + e * m * n, static_cast<int>(n));
+    Gemm(pool, ta, tb, m, n, k, a + oa, lda, b + ob, ldb, 0.0f, c + e * m * n,
+         static_cast<int>(n));
   }
   return ffi::Error::Success();
 }
 
-// MKL's grouped batch of sgemms (one group here): every product of the batch in one call.
-extern "C" void cblas_sgemm_batch(int layout, const int* trans_a, const int* trans_b, const int* m,
-                                  const int* n, const int* k, const float* alpha, const float** a,
-                                  const int* lda, const float** b, const int* ldb,
-                                  const float* beta, float** c, const int* ldc, int group_count,
-                                  const int* group_size);
+// ----------------------------------------------------------------------- fused causal attention
+// Causal self-attention straight from the packed projection qkv (B, T, K, G+2, H): for kv head k,
+// slots 0..G-1 are its query heads (n = k * G + g), slot G its key, slot G+1 its value. RoPE
+// (rotate-half, tables cos / sin (1 or B, T, H/2)) is applied on the fly when `rope`; the
+// softmax runs in place in the probabilities' rows; the backward pass writes the packed
+// gradient dqkv, so no split, rotation or concatenation is left to XLA. One task per (batch,
+// kv head) on XLA's intra-op thread pool, each with single-threaded MKL calls; queries are
+// taken in row blocks so that the masked upper triangle is never multiplied.
 
-// Attention's per-head products on (B, T, heads, H) tensors, read and written in place through
-// leading dimensions (no transposes). G = query heads per kv head; for head n, kv head n / G.
-//   mode 0, scores: x (B, T, N, H), y (B, S, K, H) -> c (B, N, T, S) = x_n @ y_kv^T
-//   mode 1, mix:    p (B, N, T, S), y (B, S, K, H) -> c (B, T, N, H) = p_n @ y_kv
-//   mode 2, mix^T:  p (B, N, T, S), x (B, T, N, H) -> c (B, S, K, H) = sum over the G heads n
-//                   of kv head k of p_n^T @ x_n
-static ffi::Error Heads(ffi::AnyBuffer a_any, ffi::AnyBuffer b_any,
-                        ffi::Result<ffi::AnyBuffer> c_any, int32_t mode) {
-  auto ad = a_any.dimensions(), bd = b_any.dimensions(), cd = c_any->dimensions();
-  if (ad.size() != 4 || bd.size() != 4 || cd.size() != 4) {
-    return ffi::Error::InvalidArgument("jaxnv_mkl_heads: rank-4 operands");
-  }
-  const float* a = static_cast<const float*>(a_any.untyped_data());
-  const float* b = static_cast<const float*>(b_any.untyped_data());
-  float* c = static_cast<float*>(c_any->untyped_data());
-  int64_t B = ad[0], N, T, S, K, H;
-  if (mode == 0) {
-    T = ad[1], N = ad[2], H = ad[3], S = bd[1], K = bd[2];
-    if (bd[3] != H || cd[1] != N || cd[2] != T || cd[3] != S) {
-      return ffi::Error::InvalidArgument("jaxnv_mkl_heads: scores shapes");
+extern "C" void vmsExp(int n, const float* a, float* r, long long mode);
+constexpr long long kVmlMode = 0x2 | 0x100;  // VML_HA | VML_ERRMODE_IGNORE (exp(-big) -> 0)
+constexpr int64_t kRowBlock = 32;
+
+struct Rope {
+  const float *cos, *sin;  // (T, H/2) rows of this batch element, or null: no rotation
+  int64_t half;
+};
+
+// dst (T, H) contiguous = rotate(src rows of stride lds), or a copy without RoPE.
+static void Rotate(const float* src, int64_t lds, float* dst, int64_t T, int64_t H, Rope r) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* x = src + t * lds;
+    float* y = dst + t * H;
+    if (!r.cos) {
+      std::memcpy(y, x, H * sizeof(float));
+      continue;
     }
-  } else if (mode == 1) {
-    N = ad[1], T = ad[2], S = ad[3], K = bd[2], H = bd[3];
-    if (bd[1] != S || cd[1] != T || cd[2] != N || cd[3] != H) {
-      return ffi::Error::InvalidArgument("jaxnv_mkl_heads: mix shapes");
+    const float *c = r.cos + t * r.half, *s = r.sin + t * r.half;
+    for (int64_t i = 0; i < r.half; ++i) {
+      const float x1 = x[i], x2 = x[i + r.half];
+      y[i] = x1 * c[i] - x2 * s[i];
+      y[i + r.half] = x2 * c[i] + x1 * s[i];
     }
-  } else if (mode == 2) {
-    N = ad[1], T = ad[2], S = ad[3], H = bd[3], K = cd[2];
-    if (bd[1] != T || bd[2] != N || cd[1] != S || cd[3] != H) {
-      return ffi::Error::InvalidArgument("jaxnv_mkl_heads: mix^T shapes");
+  }
+}
+
+// dst rows of stride ldd = the gradient through Rotate of g (T, H) contiguous.
+static void RotateBack(const float* g, float* dst, int64_t ldd, int64_t T, int64_t H, Rope r) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* x = g + t * H;
+    float* y = dst + t * ldd;
+    if (!r.cos) {
+      std::memcpy(y, x, H * sizeof(float));
+      continue;
     }
-  } else {
-    return ffi::Error::InvalidArgument("jaxnv_mkl_heads: mode 0, 1 or 2");
+    const float *c = r.cos + t * r.half, *s = r.sin + t * r.half;
+    for (int64_t i = 0; i < r.half; ++i) {
+      const float g1 = x[i], g2 = x[i + r.half];
+      y[i] = g1 * c[i] + g2 * s[i];
+      y[i + r.half] = g2 * c[i] - g1 * s[i];
+    }
   }
-  if (B != bd[0] || B != cd[0] || K == 0 || N % K) {
-    return ffi::Error::InvalidArgument("jaxnv_mkl_heads: batch or head counts do not match");
+}
+
+struct Packed {
+  int64_t B, T, K, G, H, N, ld;  // ld: the row (time) stride of qkv, K * (G + 2) * H
+  int64_t rope_rows;              // 0 (no RoPE), 1 (one table) or B
+};
+
+static ffi::Error CheckPacked(ffi::AnyBuffer qkv, ffi::AnyBuffer cos, ffi::AnyBuffer sin,
+                              bool rope, Packed* p) {
+  auto d = qkv.dimensions();
+  if (d.size() != 5 || d[3] < 3) {
+    return ffi::Error::InvalidArgument("jaxnv_mkl_attention: qkv (B, T, K, G+2, H)");
   }
-  const int64_t G = N / K;
-  const int64_t groups = mode == 2 ? G : 1;       // mode 2 accumulates the G heads in turn
-  const int64_t count = mode == 2 ? B * K : B * N;  // products per batched call
-  std::vector<const float*> as(count), bs(count);
-  std::vector<float*> cs(count);
-  for (int64_t g = 0; g < groups; ++g) {
-    int64_t i = 0;
-    for (int64_t bi = 0; bi < B; ++bi) {
-      for (int64_t h = 0; h < (mode == 2 ? K : N); ++h, ++i) {
-        const int64_t n = mode == 2 ? h * G + g : h, kv = n / G;
-        if (mode == 0) {
-          as[i] = a + (bi * T * N + n) * H;
-          bs[i] = b + (bi * S * K + kv) * H;
-          cs[i] = c + (bi * N + n) * T * S;
-        } else if (mode == 1) {
-          as[i] = a + (bi * N + n) * T * S;
-          bs[i] = b + (bi * S * K + kv) * H;
-          cs[i] = c + (bi * T * N + n) * H;
-        } else {
-          as[i] = a + (bi * N + n) * T * S;
-          bs[i] = b + (bi * T * N + n) * H;
-          cs[i] = c + (bi * S * K + kv) * H;
+  p->B = d[0], p->T = d[1], p->K = d[2], p->G = d[3] - 2, p->H = d[4];
+  p->N = p->K * p->G, p->ld = p->K * d[3] * p->H, p->rope_rows = 0;
+  if (rope) {
+    auto c = cos.dimensions(), s = sin.dimensions();
+    if (p->H % 2 || c.size() != 3 || s.size() != 3 || (c[0] != 1 && c[0] != p->B) ||
+        c[1] != p->T || c[2] != p->H / 2 || c[0] != s[0] || c[1] != s[1] || c[2] != s[2]) {
+      return ffi::Error::InvalidArgument("jaxnv_mkl_attention: RoPE tables (1 or B, T, H/2)");
+    }
+    p->rope_rows = c[0];
+  }
+  constexpr int64_t kIntMax = 2147483647;  // MKL's LP64 interface takes int sizes
+  if (p->T > kIntMax || p->ld > kIntMax || p->N * p->H > kIntMax) {
+    return ffi::Error::InvalidArgument("jaxnv_mkl_attention: a size exceeds 2**31 - 1");
+  }
+  return ffi::Error::Success();
+}
+
+static Rope RopeOf(const Packed& p, ffi::AnyBuffer cos, ffi::AnyBuffer sin, int64_t b) {
+  if (!p.rope_rows) return Rope{nullptr, nullptr, 0};
+  const int64_t off = (p.rope_rows == 1 ? 0 : b) * p.T * (p.H / 2);
+  return Rope{static_cast<const float*>(cos.untyped_data()) + off,
+              static_cast<const float*>(sin.untyped_data()) + off, p.H / 2};
+}
+
+// y (B, T, N, H) = softmax(q k^T / sqrt(H), causal) v; probs (B, N, T, T) kept for the gradient.
+static ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer qkv, ffi::AnyBuffer cos,
+                           ffi::AnyBuffer sin, ffi::Result<ffi::AnyBuffer> y_out,
+                           ffi::Result<ffi::AnyBuffer> probs_out, bool rope) {
+  Packed p;
+  if (auto e = CheckPacked(qkv, cos, sin, rope, &p); e.failure()) return e;
+  const int64_t T = p.T, H = p.H, N = p.N, G = p.G;
+  const float* x = static_cast<const float*>(qkv.untyped_data());
+  float* y = static_cast<float*>(y_out->untyped_data());
+  float* probs = static_cast<float*>(probs_out->untyped_data());
+  const float scale = 1.0f / std::sqrt(static_cast<float>(H));
+  const int ld = static_cast<int>(p.ld), ldy = static_cast<int>(N * H), Ti = static_cast<int>(T);
+  const int Hi = static_cast<int>(H);
+  ParallelFor(pool, p.B * p.K, [&](int64_t task) {
+    const int64_t b = task / p.K, kv = task % p.K;
+    const Rope r = RopeOf(p, cos, sin, b);
+    const float* base = x + b * T * p.ld + kv * (G + 2) * H;
+    std::vector<float> scratch(2 * T * H);
+    float *q = scratch.data(), *k = q + T * H;
+    Rotate(base + G * H, p.ld, k, T, H, r);
+    const float* v = base + (G + 1) * H;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t n = kv * G + g;
+      Rotate(base + g * H, p.ld, q, T, H, r);
+      float* P = probs + (b * N + n) * T * T;
+      for (int64_t r0 = 0; r0 < T; r0 += kRowBlock) {
+        const int64_t r1 = std::min(T, r0 + kRowBlock);
+        const int m = static_cast<int>(r1 - r0), kend = static_cast<int>(r1);
+        cblas_sgemm(kRowMajor, kNoTrans, kTrans, m, kend, Hi, scale, q + r0 * H, Hi, k, Hi, 0.0f,
+                    P + r0 * T, Ti);
+        for (int64_t i = r0; i < r1; ++i) {  // row i sees keys 0..i
+          float* row = P + i * T;
+          float top = row[0];
+          for (int64_t j = 1; j <= i; ++j) top = row[j] > top ? row[j] : top;
+          for (int64_t j = 0; j <= i; ++j) row[j] -= top;
+          vmsExp(static_cast<int>(i + 1), row, row, kVmlMode);
+          float sum = 0.0f;
+          for (int64_t j = 0; j <= i; ++j) sum += row[j];
+          const float inv = 1.0f / sum;
+          for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
+          std::memset(row + i + 1, 0, (T - i - 1) * sizeof(float));
         }
+        cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, m, Hi, kend, 1.0f, P + r0 * T, Ti, v, ld, 0.0f,
+                    y + (b * T + r0) * N * H + n * H, ldy);
       }
     }
-    int ta, tb, m, n_, k, lda, ldb, ldc;
-    if (mode == 0) {  // (T, H) @ (S, H)^T
-      ta = kNoTrans, tb = kTrans, m = T, n_ = S, k = H, lda = N * H, ldb = K * H, ldc = S;
-    } else if (mode == 1) {  // (T, S) @ (S, H)
-      ta = kNoTrans, tb = kNoTrans, m = T, n_ = H, k = S, lda = S, ldb = K * H, ldc = N * H;
-    } else {  // (T, S)^T @ (T, H)
-      ta = kTrans, tb = kNoTrans, m = S, n_ = H, k = T, lda = S, ldb = N * H, ldc = K * H;
-    }
-    const float alpha = 1.0f, beta = g == 0 ? 0.0f : 1.0f;
-    const int size = static_cast<int>(count);
-    cblas_sgemm_batch(kRowMajor, &ta, &tb, &m, &n_, &k, &alpha, as.data(), &lda, bs.data(), &ldb,
-                      &beta, cs.data(), &ldc, 1, &size);
-  }
+  });
   return ffi::Error::Success();
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnvMklHeads, Heads,
+// dqkv (B, T, K, G+2, H): the gradient of Attention's y through q, k, v and RoPE, from dy.
+static ffi::Error AttentionGrad(ffi::ThreadPool pool, ffi::AnyBuffer qkv, ffi::AnyBuffer cos,
+                               ffi::AnyBuffer sin, ffi::AnyBuffer probs_in, ffi::AnyBuffer dy_in,
+                               ffi::Result<ffi::AnyBuffer> dqkv_out, bool rope) {
+  Packed p;
+  if (auto e = CheckPacked(qkv, cos, sin, rope, &p); e.failure()) return e;
+  const int64_t T = p.T, H = p.H, N = p.N, G = p.G;
+  const float* x = static_cast<const float*>(qkv.untyped_data());
+  const float* probs = static_cast<const float*>(probs_in.untyped_data());
+  const float* dy = static_cast<const float*>(dy_in.untyped_data());
+  float* dx = static_cast<float*>(dqkv_out->untyped_data());
+  const float scale = 1.0f / std::sqrt(static_cast<float>(H));
+  const int ld = static_cast<int>(p.ld), ldy = static_cast<int>(N * H), Ti = static_cast<int>(T);
+  const int Hi = static_cast<int>(H);
+  ParallelFor(pool, p.B * p.K, [&](int64_t task) {
+    const int64_t b = task / p.K, kv = task % p.K;
+    const Rope r = RopeOf(p, cos, sin, b);
+    const float* base = x + b * T * p.ld + kv * (G + 2) * H;
+    float* dbase = dx + b * T * p.ld + kv * (G + 2) * H;
+    std::vector<float> scratch(5 * T * H + T * T, 0.0f);
+    float *q = scratch.data(), *k = q + T * H, *dq = k + T * H, *dk = dq + T * H;
+    float *dv = dk + T * H, *dS = dv + T * H;
+    Rotate(base + G * H, p.ld, k, T, H, r);
+    const float* v = base + (G + 1) * H;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t n = kv * G + g;
+      Rotate(base + g * H, p.ld, q, T, H, r);
+      const float* P = probs + (b * N + n) * T * T;
+      const float* d = dy + b * T * N * H + n * H;  // rows of stride N * H
+      for (int64_t r0 = 0; r0 < T; r0 += kRowBlock) {
+        const int64_t r1 = std::min(T, r0 + kRowBlock);
+        const int m = static_cast<int>(r1 - r0), kend = static_cast<int>(r1);
+        cblas_sgemm(kRowMajor, kNoTrans, kTrans, m, kend, Hi, 1.0f, d + r0 * N * H, ldy, v, ld,
+                    0.0f, dS + r0 * T, Ti);  // dP = dy v^T
+        for (int64_t i = r0; i < r1; ++i) {  // dS = P (dP - sum(P dP)) / sqrt(H)
+          const float* pr = P + i * T;
+          float* row = dS + i * T;
+          float dot = 0.0f;
+          for (int64_t j = 0; j <= i; ++j) dot += pr[j] * row[j];
+          for (int64_t j = 0; j <= i; ++j) row[j] = pr[j] * (row[j] - dot) * scale;
+          for (int64_t j = i + 1; j < kend; ++j) row[j] = 0.0f;
+        }
+        cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, m, Hi, kend, 1.0f, dS + r0 * T, Ti, k, Hi,
+                    0.0f, dq + r0 * H, Hi);  // dq = dS k
+        cblas_sgemm(kRowMajor, kTrans, kNoTrans, kend, Hi, m, 1.0f, dS + r0 * T, Ti, q + r0 * H,
+                    Hi, 1.0f, dk, Hi);  // dk += dS^T q
+        cblas_sgemm(kRowMajor, kTrans, kNoTrans, kend, Hi, m, 1.0f, P + r0 * T, Ti,
+                    d + r0 * N * H, ldy, 1.0f, dv, Hi);  // dv += P^T dy
+      }
+      RotateBack(dq, dbase + g * H, p.ld, T, H, r);
+    }
+    RotateBack(dk, dbase + G * H, p.ld, T, H, r);
+    RotateBack(dv, dbase + (G + 1) * H, p.ld, T, H, Rope{nullptr, nullptr, 0});
+  });
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnvMklAttention, Attention,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("mode"));
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<bool>("rope"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnvMklAttentionGrad, AttentionGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<bool>("rope"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxnvMklSgemm, Sgemm,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
