@@ -143,6 +143,16 @@ def test_packed_causal_attention_and_its_gradients_equal_float64(B, T, N, K, H, 
     np.testing.assert_allclose(_f64(grad), np.asarray(ref_grad), rtol=1e-4, atol=1e-5)
 
 
+def test_packed_causal_attention_with_peaked_scores_equals_float64():
+    """Scores hundreds apart (most probabilities underflow to 0): the same as float64."""
+    qkv = 12 * np.random.default_rng(4).normal(size=(2, 40, 1, 3, 8)).astype(np.float32)
+    with jax.enable_x64(True):
+        out = np.asarray(_reference64(_f64(qkv), None, 1))
+    got = _f64(jax.jit(mkl_mod.packed_causal_attention)(qkv))
+    assert np.isfinite(got).all()  # scores this large lose ~1e-5 in float32 (XLA's too)
+    np.testing.assert_allclose(got, out, rtol=1e-4, atol=1e-4)
+
+
 def test_packed_causal_attention_under_vmap():
     """vmap over a leading axis runs one call per element: the same as each alone."""
     qkv = np.random.default_rng(3).normal(size=(3, 2, 9, 1, 3, 4)).astype(np.float32)

@@ -150,6 +150,7 @@ static ffi::Error Sgemm(ffi::ThreadPool pool, ffi::AnyBuffer a_any, ffi::AnyBuff
 extern "C" void vmsExp(int n, const float* a, float* r, long long mode);
 constexpr long long kVmlMode = 0x2 | 0x100;  // VML_HA | VML_ERRMODE_IGNORE (exp(-big) -> 0)
 constexpr int64_t kRowBlock = 32;
+constexpr float kExpFloor = -80.0f;
 
 struct Rope {
   const float *cos, *sin;  // (T, H/2) rows of this batch element, or null: no rotation
@@ -257,17 +258,25 @@ static ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer qkv, ffi::AnyBu
         const int m = static_cast<int>(r1 - r0), kend = static_cast<int>(r1);
         cblas_sgemm(kRowMajor, kNoTrans, kTrans, m, kend, Hi, scale, q + r0 * H, Hi, k, Hi, 0.0f,
                     P + r0 * T, Ti);
-        for (int64_t i = r0; i < r1; ++i) {  // row i sees keys 0..i
+        // row i sees keys 0..i. Shifted by the row's max and floored at -80 (exp(-80) ~ 2e-35,
+        // nothing next to the max's 1) so that no exp underflows: MKL's slow path.
+        for (int64_t i = r0; i < r1; ++i) {
           float* row = P + i * T;
           float top = row[0];
+#pragma omp simd reduction(max : top)
           for (int64_t j = 1; j <= i; ++j) top = row[j] > top ? row[j] : top;
-          for (int64_t j = 0; j <= i; ++j) row[j] -= top;
-          vmsExp(static_cast<int>(i + 1), row, row, kVmlMode);
+          for (int64_t j = 0; j <= i; ++j) row[j] = std::max(row[j] - top, kExpFloor);
+          for (int64_t j = i + 1; j < T; ++j) row[j] = kExpFloor;
+        }
+        vmsExp(m * Ti, P + r0 * T, P + r0 * T, kVmlMode);  // one call a block
+        for (int64_t i = r0; i < r1; ++i) {
+          float* row = P + i * T;
           float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
           for (int64_t j = 0; j <= i; ++j) sum += row[j];
           const float inv = 1.0f / sum;
           for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
-          std::memset(row + i + 1, 0, (T - i - 1) * sizeof(float));
+          for (int64_t j = i + 1; j < T; ++j) row[j] = 0.0f;
         }
         cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, m, Hi, kend, 1.0f, P + r0 * T, Ti, v, ld, 0.0f,
                     y + (b * T + r0) * N * H + n * H, ldy);
@@ -315,6 +324,7 @@ static ffi::Error AttentionGrad(ffi::ThreadPool pool, ffi::AnyBuffer qkv, ffi::A
           const float* pr = P + i * T;
           float* row = dS + i * T;
           float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
           for (int64_t j = 0; j <= i; ++j) dot += pr[j] * row[j];
           for (int64_t j = 0; j <= i; ++j) row[j] = pr[j] * (row[j] - dot) * scale;
           for (int64_t j = i + 1; j < kend; ++j) row[j] = 0.0f;
