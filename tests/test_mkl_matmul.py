@@ -1,9 +1,10 @@
 """`model.matmul=mkl`: the transformer's matmuls through Intel MKL, as XLA FFI calls.
 
-The matmul, causal attention and their gradients against float64 numpy, under jit and vmap. A
-training curve, the gradients under every remat policy and greedy decoding (offline and in the
-serving engine) against `model.matmul=xla`; the export of an MKL run; the start-up line, `jaxnv
-info`, and the one-line errors where it cannot run.
+The matmul against float64 numpy; fused causal attention (RoPE, GQA) and the gated MLP's SiLU
+against float64 JAX; their gradients, under jit and vmap. A training curve, the gradients under
+every remat policy and greedy decoding (offline and in the serving engine) against
+`model.matmul=xla`; the export of an MKL run; the start-up line, `jaxnv info`, and the one-line
+errors where it cannot run.
 """
 
 import importlib.metadata
@@ -151,6 +152,29 @@ def test_packed_causal_attention_with_peaked_scores_equals_float64():
     got = _f64(jax.jit(mkl_mod.packed_causal_attention)(qkv))
     assert np.isfinite(got).all()  # scores this large lose ~1e-5 in float32 (XLA's too)
     np.testing.assert_allclose(got, out, rtol=1e-4, atol=1e-4)
+
+
+def test_silu_gate_and_its_gradient_equal_float64():
+    """The gated MLP's silu(gate) * up from (..., 2, F), gates from -200 to 200 included."""
+    rng = np.random.default_rng(5)
+    gate_up = (4 * rng.normal(size=(3, 37, 2, 50))).astype(np.float32)
+    gate_up[0, 0, 0, :4] = [-200.0, -90.0, 90.0, 200.0]  # beyond the exp clamp at 80
+    w = rng.normal(size=(3, 37, 50))
+
+    def reference(x):
+        return jax.nn.silu(x[..., 0, :]) * x[..., 1, :]
+
+    got = jax.jit(mkl_mod.silu_gate)(gate_up)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(mkl_mod.silu_gate(x) * w.astype(np.float32))))(
+        gate_up
+    )
+    with jax.enable_x64(True):
+        out = np.asarray(reference(_f64(gate_up)))
+        ref_grad = np.asarray(jax.grad(lambda x: jnp.sum(reference(x) * w))(_f64(gate_up)))
+    np.testing.assert_allclose(_f64(got), out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_f64(grad), ref_grad, rtol=1e-5, atol=1e-6)
+    rows = jax.jit(jax.vmap(mkl_mod.silu_gate))(gate_up)  # one call per row under vmap
+    np.testing.assert_array_equal(rows, got)
 
 
 def test_packed_causal_attention_under_vmap():

@@ -314,6 +314,7 @@ class FeedForward(nnx.Module):
         D, F, dtype = embed_dim, mlp_dim, policy.param_dtype
         self.policy, self.gated, self.matmul = policy, gated, matmul
         self.act = TRANSFORMER_ACTIVATIONS[activation]
+        self.mkl_gate = gated and matmul == "mkl" and activation == "silu"  # one fused pass
         if gated:
             self.w_gate_up = param(rngs, (D, 2, F), ("embed", None, "mlp"), 0.02, dtype)
         else:
@@ -328,8 +329,11 @@ class FeedForward(nnx.Module):
         if self.gated:
             gate_up = project("btd,dcf->btcf", x, self.w_gate_up[...].astype(dtype), self.matmul)
             gate_up = adapted(self, "w_gate_up", x, gate_up)  # (B, T, 2, F)
-            gate, up = (t[:, :, 0] for t in jnp.split(gate_up, 2, axis=2))  # (B, T, F) each
-            hidden = self.act(gate) * up  # (B, T, F)
+            if self.mkl_gate:  # silu(gate) * up; its gradient comes back as one (B, T, 2, F)
+                hidden = mkl.silu_gate(gate_up).astype(dtype)
+            else:
+                gate, up = (t[:, :, 0] for t in jnp.split(gate_up, 2, axis=2))  # (B, T, F) each
+                hidden = self.act(gate) * up  # (B, T, F)
         else:
             hidden = project("btd,df->btf", x, self.w_up[...].astype(dtype), self.matmul)
             hidden = adapted(self, "w_up", x, hidden)

@@ -34,6 +34,7 @@ import numpy as np
 MATMULS = ("xla", "mkl")
 TARGET = "jaxnv_mkl_sgemm"
 ATTENTION, ATTENTION_GRAD = "jaxnv_mkl_attention", "jaxnv_mkl_attention_grad"
+GATE, GATE_GRAD = "jaxnv_mkl_silu_gate", "jaxnv_mkl_silu_gate_grad"
 SOURCE = pathlib.Path(__file__).with_name("mkl_sgemm.cc")
 FIX = "or use model.matmul=xla"
 # -fopenmp-simd: the `omp simd` loops vectorise; no OpenMP runtime is linked
@@ -132,7 +133,8 @@ def load() -> str:
     except OSError as e:  # e.g. a library MKL needs is missing
         raise MatmulUnavailable(f"loading the MKL matmul failed ({e}): {FIX}") from None
     targets = {TARGET: "JaxnvMklSgemm", ATTENTION: "JaxnvMklAttention",
-               ATTENTION_GRAD: "JaxnvMklAttentionGrad"}  # fmt: skip
+               ATTENTION_GRAD: "JaxnvMklAttentionGrad", GATE: "JaxnvMklSiluGate",
+               GATE_GRAD: "JaxnvMklSiluGateGrad"}  # fmt: skip
     for name, symbol in targets.items():
         capsule = jax.ffi.pycapsule(getattr(library, symbol))
         jax.ffi.register_ffi_target(name, capsule, platform="cpu")
@@ -260,3 +262,25 @@ def packed_causal_attention(qkv, cos=None, sin=None):
     rope = cos is not None
     cos, sin = _tables(qkv, cos, sin)
     return _packed(qkv.astype(jnp.float32), cos, sin, rope)
+
+
+@jax.custom_vjp
+def silu_gate(gate_up):
+    """silu(gate) * up from gate_up (..., 2, F), float32: (..., F), one MKL-backed pass each
+    way; the gradient comes back packed as (..., 2, F)."""
+    load()
+    shape = jax.ShapeDtypeStruct(gate_up.shape[:-2] + gate_up.shape[-1:], jnp.float32)
+    return jax.ffi.ffi_call(GATE, shape, vmap_method="broadcast_all")(gate_up)
+
+
+def _silu_gate_fwd(gate_up):
+    return silu_gate(gate_up), gate_up
+
+
+def _silu_gate_bwd(gate_up, d_hidden):
+    shape = jax.ShapeDtypeStruct(gate_up.shape, jnp.float32)
+    call = jax.ffi.ffi_call(GATE_GRAD, shape, vmap_method="broadcast_all")
+    return (call(gate_up, d_hidden.astype(jnp.float32)),)
+
+
+silu_gate.defvjp(_silu_gate_fwd, _silu_gate_bwd)
