@@ -1,5 +1,6 @@
 """What `jaxnv info` reports: backend, devices, the auto precision and why, the attention kernel,
-whether model.matmul=mkl can run, XLA's GPU overlap flags (on a GPU), library versions."""
+whether model.matmul=mkl can run, the host memory setting (jaxnv/hostmem.py), XLA's GPU overlap
+flags (on a GPU), library versions."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from importlib import metadata
 
 import jax
 
+from jaxnv import hostmem
 from jaxnv.core.precision import Policy
 from jaxnv.models import mkl
 from jaxnv.models.layers import choose_attention
@@ -29,6 +31,7 @@ def info_lines() -> list[str]:
     kernel, why = choose_attention("auto", auto.compute_dtype, 64)
     lines.append(f"attention (auto, head dim 64, {auto.compute_dtype.name}): {kernel} ({why})")
     lines.append(f"model.matmul=mkl: {mkl.availability()}")
+    lines.append(f"host memory: {hostmem.status()}")
     lines += filter(None, [overlap_note(jax.default_backend())])
     for name in PACKAGES:
         try:

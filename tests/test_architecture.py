@@ -8,6 +8,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "jaxnv"
 # Bottom to top. A module may import its own part and any part below it, never one above.
 LAYERS = [
+    "hostmem",  # a process setting applied on `import jaxnv`; imports nothing of jaxnv
     "core",
     "models",
     "data",
