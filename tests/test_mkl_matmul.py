@@ -221,7 +221,7 @@ def test_training_curve_equals_xla_and_the_choice_is_printed(tmp_path, capsys):
     assert len(ours) == len(xla) == 6
     np.testing.assert_allclose(ours, xla, rtol=1e-5)
     assert xla[-1] < xla[0]  # it trains
-    assert "matmul: mkl (Intel MKL's sgemm" in out
+    assert "matmul: mkl (Intel MKL for the projections" in out
     assert "matmul:" not in xla_out  # XLA's dot, the default, needs no line
 
 

@@ -4,14 +4,16 @@ XLA FFI calls (`mkl_sgemm.cc`, beside this file) run the projections as `cblas_s
 gradient is two more sgemm calls with the transposes given to MKL as flags rather than copied,
 and causal self-attention (`packed_causal_attention`) as one fused call each way: RoPE, the
 products and the softmax straight from the packed q/k/v projection, with the gradient written
-back packed. Both split their work over XLA's own intra-op threads, one single-threaded MKL call
-per thread. The library is built once with the system C++ compiler against jaxlib's FFI headers
-and cached under `$XDG_CACHE_HOME/jaxnv/ffi` (else `~/.cache/jaxnv/ffi`). Needs: the CPU
-backend, float32 compute, one device, `pip install "jaxnv[mkl]"` and a C++ compiler; the choice
-is made once and printed at start-up, like the attention kernel.
+back packed; and the gated MLP's silu(gate) * up (`silu_gate`). All split their work over
+XLA's own intra-op threads, one single-threaded MKL call per thread. The library is built once
+with the system C++ compiler against jaxlib's FFI headers and cached under
+`$XDG_CACHE_HOME/jaxnv/ffi` (else `~/.cache/jaxnv/ffi`). Needs: the CPU backend, float32
+compute, one device, `pip install "jaxnv[mkl]"` and a C++ compiler; the choice is made once and
+printed at start-up, like the attention kernel.
 
     y = matmul(x, w, contract=1)               # x (..., D) @ w (D, F...): one sgemm
     o = packed_causal_attention(qkv, cos, sin)  # qkv (B, T, K, G+2, H) -> (B, T, K*G, H)
+    h = silu_gate(gate_up)                      # (..., 2, F) -> (..., F)
 """
 
 from __future__ import annotations
@@ -169,7 +171,7 @@ def choose_matmul(requested: str, dtype, on: str | None = None):
         load()
     except MatmulUnavailable as e:
         raise ValueError(str(e)) from None
-    return "mkl", "Intel MKL's sgemm for the projections and attention, XLA FFI calls, float32"
+    return "mkl", "Intel MKL for the projections, attention and SiLU gate, XLA FFI calls, float32"
 
 
 def _sgemm(a, b, trans_a: bool = False, trans_b: bool = False):
