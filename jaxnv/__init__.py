@@ -11,7 +11,7 @@ Everything that trains is a pure function of pytrees, compiled once:
 
 __version__ = "0.1.0"  # first: modules below read it
 
-from jaxnv import hostmem  # noqa: F401  (first: glibc keeps XLA:CPU's step buffers for reuse)
+from jaxnv import hostmem  # noqa: F401  (first: JAXNV_MALLOC=keep acts before JAX's threads)
 from jaxnv.config import Config, apply_overrides
 from jaxnv.core import losses
 from jaxnv.core.losses import Weighted, weighted_mean

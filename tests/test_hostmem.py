@@ -1,5 +1,5 @@
-"""Host memory: after `import jaxnv`, XLA:CPU's per-step buffers reuse freed memory instead of
-faulting in fresh pages every step; JAXNV_MALLOC=system and an accelerator leave glibc alone."""
+"""Host memory: with JAXNV_MALLOC=keep, XLA:CPU's per-step buffers reuse freed memory instead of
+faulting in fresh pages every step; unset, another value, or an accelerator leave glibc alone."""
 
 import json
 import os
@@ -41,26 +41,28 @@ def _run(**env):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_step_buffers_reuse_memory_after_import_jaxnv():
-    kept = _run()
-    system = _run(JAXNV_MALLOC="system")
+def test_step_buffers_reuse_memory_with_jaxnv_malloc_keep():
+    kept = _run(JAXNV_MALLOC="keep")
+    system = _run()
     assert kept["status"].startswith("freed memory kept for reuse")
-    assert system["status"] == "glibc's defaults (JAXNV_MALLOC=system)"
+    assert system["status"] == "glibc's defaults (JAXNV_MALLOC=keep not set)"
     # glibc's defaults map every step's temporaries afresh: thousands of faults a step
     assert system["faults"] > 4000, system
     assert kept["faults"] < system["faults"] / 4, (kept, system)  # measured: 1,024 vs 10,055
 
 
-def test_left_alone_on_an_accelerator_or_when_asked(monkeypatch):
+def test_left_alone_unless_asked_and_on_an_accelerator(monkeypatch):
     from jaxnv import hostmem
 
+    monkeypatch.delenv("JAXNV_MALLOC", raising=False)
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert hostmem._why_not() == "JAXNV_MALLOC=keep not set"
+    monkeypatch.setenv("JAXNV_MALLOC", "kep")
+    assert hostmem._why_not() == "JAXNV_MALLOC='kep': only 'keep' changes it"
+    monkeypatch.setenv("JAXNV_MALLOC", "keep")
+    assert hostmem._why_not() is None
     monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
     assert hostmem._why_not() == "JAX_PLATFORMS=cuda,cpu"
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("JAXNV_MALLOC", "system")
-    assert hostmem._why_not() == "JAXNV_MALLOC=system"
-    monkeypatch.delenv("JAXNV_MALLOC")
-    assert hostmem._why_not() is None
     monkeypatch.delenv("JAX_PLATFORMS")
     monkeypatch.setattr(hostmem, "ACCELERATOR_PLUGINS", ("json",))  # an installed module
     assert hostmem._why_not() == "an accelerator plugin is installed (json)"
