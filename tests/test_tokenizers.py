@@ -152,6 +152,25 @@ def test_save_and_load_saved_round_trip(kind, bpe, sp_model, tmp_path):
     assert load_tokenizer(str(tmp_path / "tok")).fingerprint == tok.fingerprint
 
 
+def test_save_writes_each_file_whole_and_the_meta_last(bpe, tmp_path, monkeypatch):
+    """Another process of the same run may read the directory while one saves it (seen in CI:
+    an empty jaxnv_tokenizer.json): each file appears whole, the one readers look for last."""
+    import os
+
+    appeared, replace = [], os.replace
+
+    def recording_replace(src, dst):
+        appeared.append((os.path.basename(dst), os.path.getsize(src)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    bpe.save(tmp_path / "tok")
+    names = [name for name, _ in appeared]
+    assert names == ["tokenizer.json", "jaxnv_tokenizer.json"]
+    assert all(size > 0 for _, size in appeared)
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == sorted(names)  # no .tmp left
+
+
 def test_fingerprints_differ_and_edits_are_caught(bpe, tmp_path):
     other = train_bpe(TEXTS, 290)
     assert len({ByteTokenizer().fingerprint, bpe.fingerprint, other.fingerprint}) == 3

@@ -73,19 +73,22 @@ class Tokenizer:
         return h.hexdigest()
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write the tokenizer's own file(s) and `jaxnv_tokenizer.json` into `directory`."""
+        """Write the tokenizer's own file(s) and `jaxnv_tokenizer.json` into `directory`, each
+        atomically and the latter last: a reader that finds it (another process of the same
+        run) finds every file whole."""
         os.makedirs(directory, exist_ok=True)
-        for name, data in self._files().items():
-            with open(os.path.join(directory, name), "wb") as f:
-                f.write(data)
         meta = {
             "kind": self.kind,
             "eos_id": self.eos_id,
             "vocab_size": self.vocab_size,
             "fingerprint": self.fingerprint,
         }
-        with open(os.path.join(directory, META_FILE), "w") as f:
-            json.dump(meta, f, indent=1)
+        files = {**self._files(), META_FILE: json.dumps(meta, indent=1).encode()}
+        for name, data in files.items():  # dicts keep order: META_FILE last
+            path = os.path.join(directory, name)
+            with open(path + ".tmp", "wb") as f:
+                f.write(data)
+            os.replace(path + ".tmp", path)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
