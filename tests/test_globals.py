@@ -15,6 +15,7 @@ def settings():
              "jax_enable_x64", "jax_default_matmul_precision"]
     out = {n: str(getattr(jax.config, n)) for n in names}
     out["nnx_eager_sharding"] = nnx.using_eager_sharding()
+    out["cpu_async_dispatch"] = jax.config.read("jax_cpu_enable_async_dispatch")
     return out
 
 before = settings()
