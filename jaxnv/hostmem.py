@@ -110,4 +110,9 @@ def status() -> str:
     return _status
 
 
+def note() -> str | None:
+    """The training loop's start-up line when `JAXNV_MALLOC` is set (applied or why not)."""
+    return f"host memory: {_status}" if os.environ.get("JAXNV_MALLOC") else None
+
+
 keep_freed_memory()  # on import: `import jaxnv` runs this before JAX's backend starts

@@ -105,3 +105,20 @@ def test_jaxnv_info_reports_it():
                          text=True, timeout=120, check=True)  # fmt: skip
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("host memory: "))
     assert "freed memory kept for reuse" in line or "glibc's and JAX's defaults (" in line
+
+
+def test_a_training_run_reports_it_only_when_asked(tmp_path):
+    def run(**env):
+        full = {k: v for k, v in os.environ.items() if k != "JAXNV_MALLOC"}
+        full.update(env, JAX_PLATFORMS="cpu", JAXNV_CPU_DEVICES="1")
+        cmd = [sys.executable, "-m", "jaxnv.cli", "train", "mlp_regression", "train.steps=4",
+               "logging.progress=false", "--workdir", str(tmp_path / str(len(env)))]  # fmt: skip
+        out = subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return [ln for ln in out.stdout.splitlines() if ln.startswith("host memory: ")]
+
+    assert run(JAXNV_MALLOC="keep") == [
+        "host memory: freed memory kept for reuse (JAXNV_MALLOC=keep: no mmap, CPU computations "
+        "run on the calling thread)"
+    ]
+    assert run() == []

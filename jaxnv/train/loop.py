@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxnv import __version__
+from jaxnv import __version__, hostmem
 from jaxnv import config as config_lib
 from jaxnv.checkpoint.manager import Checkpointer
 from jaxnv.checkpoint.preemption import Preempted, PreemptionGuard
@@ -140,7 +140,7 @@ def _steps(run, workdir, callbacks, ckpt, best, state, start, restored) -> Train
             many = run.plan.mesh.size > 1
             lines.append(format_report(run, compile_step(run) if many else None))
         lines += [n for n in (run.plan.unnamed_note(), *backend_notes(run.policy)) if n]
-        lines += [*run.notes, *filter(None, [overlap_note(jax.default_backend())])]
+        lines += [*run.notes, *filter(None, [overlap_note(jax.default_backend()), hostmem.note()])]
         lines += calls.notes
         if start:
             lines.append(f"resuming from step {start} (checkpoint {ckpt.directory}/{start})")
