@@ -14,9 +14,9 @@ With `JAXNV_MALLOC=keep`, `import jaxnv` does two things, once, before JAX's CPU
   thread of a Python program allocates from glibc's main heap.
 
 The process then holds on to its peak host memory, and a call returns only when its result is
-computed. It is not the default: steps of a millisecond or less lose the overlap of Python with
+computed. It is not the default: steps of about a millisecond lose the overlap of Python with
 the computation (a 2-64-64-1 MLP's loop ran half as many steps a second), while a
-transformer's step is faster and a 10-5-1 MLP's step takes half as long.
+transformer's step is faster, and so, a little, is a dispatch-bound 10-5-1 MLP's.
 
 It applies on Linux with glibc when JAX runs on the CPU: `JAX_PLATFORMS` names only cpu, or it
 is unset and no GPU or TPU plugin is installed. It is not applied when JAX's backend has already
