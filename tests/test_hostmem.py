@@ -60,6 +60,9 @@ def test_step_buffers_reuse_memory_with_jaxnv_malloc_keep():
 def test_left_alone_unless_asked_and_on_an_accelerator(monkeypatch):
     from jaxnv import hostmem
 
+    # the environment's rules only: JAX may have started in this test process (a subprocess
+    # covers that case below)
+    monkeypatch.setattr(hostmem, "_backend_started", lambda: False)
     monkeypatch.delenv("JAXNV_MALLOC", raising=False)
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     assert hostmem._why_not() == "JAXNV_MALLOC=keep not set"
