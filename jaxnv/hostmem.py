@@ -51,7 +51,8 @@ def _backend_started() -> bool:
         return False
     from jax._src import xla_bridge  # no public query of this
 
-    return xla_bridge.backends_are_initialized()
+    started = getattr(xla_bridge, "backends_are_initialized", None)  # absent: assume not
+    return bool(started and started())
 
 
 def _why_not() -> str | None:
