@@ -308,3 +308,58 @@ def test_learns_a_repeating_pattern():
     prompt = batch["tokens"][:2, :5]  # the shapes of the tests above: no new compilation
     out = generate(graphdef, params, prompt, 8, temperature=0.0, model_state=rest)
     np.testing.assert_array_equal(out, batch["tokens"][:2, :13])
+
+
+@pytest.mark.parametrize(
+    "spec, x_shape, w_shape",
+    [
+        ("btd,dkgh->btkgh", (2, 5, 8), (8, 2, 3, 4)),  # up-projection: x is the narrower
+        ("btf,fd->btd", (2, 5, 24), (24, 8)),  # down-projection: dy is the narrower
+        ("btnh,nhd->btd", (2, 5, 3, 4), (3, 4, 8)),  # two contracted axes
+    ],
+)
+def test_projection_gradients_against_numpy_float64(spec, x_shape, w_shape):
+    """The projections' value and gradients (their own backward pass) against float64 numpy."""
+    from jaxnv.models.layers import project
+
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=x_shape), rng.normal(size=w_shape)
+    contract = (len(x_shape) + len(w_shape) - len(spec.split("->")[1])) // 2
+    out_shape = x_shape[: len(x_shape) - contract] + w_shape[contract:]
+    c = rng.normal(size=out_shape)
+
+    def loss(x, w):
+        return jnp.sum(project(spec, x, w) * c.astype(np.float32))
+
+    f32 = (jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    value, (dx, dw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(*f32)
+    lead = tuple(range(len(x_shape) - contract))
+    y = np.tensordot(x, w, axes=contract)
+    np.testing.assert_allclose(value, np.sum(y * c), rtol=1e-5)
+    outs = tuple(range(len(lead), c.ndim))
+    np.testing.assert_allclose(
+        dx, np.tensordot(c, w, axes=(outs, tuple(range(contract, w.ndim)))), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(dw, np.tensordot(x, c, axes=(lead, lead)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "relu", "relu2", "gelu_tanh"])
+def test_gated_mlp_gradient_equals_autodiff(activation):
+    """The gated MLP's packed gradient equals JAX's autodiff of act(gate) * up."""
+    from jaxnv.models.layers import TRANSFORMER_ACTIVATIONS, gated
+
+    act = TRANSFORMER_ACTIVATIONS[activation]
+    k1, k2 = jax.random.split(jax.random.key(0))
+    gate_up = jax.random.normal(k1, (2, 3, 2, 8))
+    c = jax.random.normal(k2, (2, 3, 8))
+
+    def ours(gu):
+        return jnp.sum(gated(act, gu) * c)
+
+    def autodiff(gu):
+        return jnp.sum(act(gu[:, :, 0]) * gu[:, :, 1] * c)
+
+    np.testing.assert_allclose(ours(gate_up), autodiff(gate_up), rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.grad(ours)(gate_up), jax.grad(autodiff)(gate_up), rtol=1e-6, atol=1e-6
+    )

@@ -51,10 +51,53 @@ def param(rngs: nnx.Rngs, shape, names, std: float, dtype, *, vocab_size: int | 
 def project(spec: str, x: jax.Array, w: jax.Array, kernel: str = "xla") -> jax.Array:
     """`jnp.einsum(spec, x, w)` for a projection (x's trailing axes against w's leading ones),
     through MKL's sgemm with `kernel="mkl"` (`model.matmul`; jaxnv/models/mkl.py)."""
+    ins, w_axes = spec.split("->")[0].split(",")
+    contract = len(set(ins) & set(w_axes))
     if kernel == "mkl":
-        ins, w_axes = spec.split("->")[0].split(",")
-        return mkl.matmul(x, w, contract=len(set(ins) & set(w_axes)))
-    return jnp.einsum(spec, x, w)
+        return mkl.matmul(x, w, contract=contract)
+    if x.dtype != w.dtype:  # mixed operands: einsum's promotion
+        return jnp.einsum(spec, x, w)
+    return _dense(x, w, contract)
+
+
+def _contract_last(x, w, contract):
+    """x's last `contract` axes against w's first ones: (..., *in) x (*in, *out) -> (..., *out)."""
+    dims = (tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract)))
+    return jax.lax.dot_general(x, w, (dims, ((), ())))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense(x: jax.Array, w: jax.Array, contract: int) -> jax.Array:
+    """A projection whose weight gradient transposes the narrower of its two operands.
+
+    The gradient contracts x (..., *in) and dy (..., *out) over their leading axes; XLA
+    materialises one of them transposed. Autodiff of the einsum transposes dy, which is the wider
+    one for an up-projection (the fused q/k/v, gate/up); here it is x there and dy for a
+    down-projection. Same math as the einsum.
+    """
+    return _contract_last(x, w, contract)
+
+
+def _dense_fwd(x, w, contract):
+    return _contract_last(x, w, contract), (x, w)
+
+
+def _dense_bwd(contract, residuals, dy):
+    x, w = residuals
+    lead = tuple(range(x.ndim - contract))  # the batch-like axes, shared by x and dy
+    outs = w.ndim - contract
+    dx = jax.lax.dot_general(
+        dy, w, ((tuple(range(len(lead), dy.ndim)), tuple(range(contract, w.ndim))), ((), ()))
+    )  # (..., *in)
+    if math.prod(w.shape[:contract]) <= math.prod(w.shape[contract:]):
+        dw = jax.lax.dot_general(x, dy, ((lead, lead), ((), ())))  # (*in, *out)
+    else:  # (*out, *in), then its (weight-sized) transpose
+        dw = jax.lax.dot_general(dy, x, ((lead, lead), ((), ())))
+        dw = jnp.transpose(dw, (*range(outs, outs + contract), *range(outs)))
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
@@ -304,6 +347,30 @@ class Attention(nnx.Module):
 
 
 # ----------------------------------------------------------------------------------------- MLP
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def gated(act, gate_up: jax.Array) -> jax.Array:
+    """act(gate) * up from the packed (..., 2, F) gate/up projection -> (..., F).
+
+    Its gradient comes back packed, written in one pass: autodiff would slice the two halves
+    and concatenate their gradients, two more copies of the widest activation.
+    """
+    return act(gate_up[..., 0, :]) * gate_up[..., 1, :]
+
+
+def _gated_fwd(act, gate_up):
+    return gated(act, gate_up), gate_up
+
+
+def _gated_bwd(act, gate_up, d_hidden):
+    gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
+    activated, act_vjp = jax.vjp(act, gate)
+    (d_gate,) = act_vjp(d_hidden * up)
+    return (jnp.stack([d_gate, d_hidden * activated], axis=-2),)
+
+
+gated.defvjp(_gated_fwd, _gated_bwd)
+
+
 class FeedForward(nnx.Module):
     """The MLP of a block. `gated=True` (Llama): act(x W_gate) * (x W_up) then W_down, with
     W_gate and W_up one (D, 2, F) param `w_gate_up`. `gated=False` (GPT-2): act(x W_up + b_up)
@@ -332,8 +399,7 @@ class FeedForward(nnx.Module):
             if self.mkl_gate:  # silu(gate) * up; its gradient comes back as one (B, T, 2, F)
                 hidden = mkl.silu_gate(gate_up).astype(dtype)
             else:
-                gate, up = (t[:, :, 0] for t in jnp.split(gate_up, 2, axis=2))  # (B, T, F) each
-                hidden = self.act(gate) * up  # (B, T, F)
+                hidden = gated(self.act, gate_up)  # act(gate) * up, (B, T, F)
         else:
             hidden = project("btd,df->btf", x, self.w_up[...].astype(dtype), self.matmul)
             hidden = adapted(self, "w_up", x, hidden)
