@@ -363,3 +363,34 @@ def test_gated_mlp_gradient_equals_autodiff(activation):
     np.testing.assert_allclose(
         jax.grad(ours)(gate_up), jax.grad(autodiff)(gate_up), rtol=1e-6, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
+def test_causal_attention_matches_jax_attention_and_its_gradients(dtype, tol):
+    """The XLA path's causal attention (own backward pass) against JAX's dot_product_attention."""
+    from jaxnv.models.layers import causal_attention
+
+    q, k, v, c = (
+        jax.random.normal(key, (2, 9, 3, 8)).astype(dtype)
+        for key in jax.random.split(jax.random.key(3), 4)
+    )
+
+    def loss(attend, q, k, v):
+        return jnp.sum(attend(q, k, v).astype(jnp.float32) * c.astype(jnp.float32))
+
+    def theirs(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(1, 2, 3)), static_argnums=0)
+    (ours_value, ours_grads), (ref_value, ref_grads) = (
+        grad(causal_attention, q, k, v),
+        grad(theirs, q, k, v),
+    )
+    np.testing.assert_allclose(ours_value, ref_value, rtol=tol)
+    assert causal_attention(q, k, v).dtype == dtype
+    for ours, ref in zip(ours_grads, ref_grads, strict=True):
+        assert ours.dtype == dtype
+        scale = float(jnp.max(jnp.abs(ref.astype(jnp.float32))))
+        np.testing.assert_allclose(
+            ours.astype(np.float32), ref.astype(np.float32), atol=tol * scale, rtol=tol
+        )

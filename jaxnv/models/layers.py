@@ -259,6 +259,50 @@ def choose_attention(requested: str, dtype, head_dim: int, on: str | None = None
     return "cudnn", f"cuDNN's fused kernel ({dtype.name}, head dim {head_dim})"
 
 
+def _causal_probs(q, k):
+    """Softmax over keys of the scaled, causally masked logits, float32: (B, N, T, S)."""
+    T, S = q.shape[1], k.shape[1]
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+    logits = logits * np.float32(1.0 / math.sqrt(q.shape[-1]))
+    causal = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None]  # (T, S)
+    logits = jnp.where(causal, logits, -jnp.inf)  # the diagonal is never masked
+    exp = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    return exp / jnp.sum(exp, axis=-1, keepdims=True)
+
+
+@jax.custom_vjp
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal softmax attention of q, k, v (B, T, N, H) -> (B, T, N, H).
+
+    The same math as XLA's `jax.nn.dot_product_attention(..., is_causal=True)`: logits and
+    softmax in float32, probabilities in the operands' dtype. Its own backward pass saves the
+    probabilities and, for the softmax's gradient, reduces dy * y over the head dim instead of
+    the (T, S) products over keys, and needs no mask (masked probabilities are 0).
+    """
+    return _causal_attention_fwd(q, k, v)[0]
+
+
+def _causal_attention_fwd(q, k, v):
+    probs = _causal_probs(q, k).astype(v.dtype)  # (B, N, T, S)
+    y = jnp.einsum("bnts,bsnh->btnh", probs, v)
+    return y, (q, k, v, probs, y)
+
+
+def _causal_attention_bwd(residuals, dy):
+    q, k, v, probs, y = residuals
+    dv = jnp.einsum("bnts,btnh->bsnh", probs, dy)
+    dp = jnp.einsum("btnh,bsnh->bnts", dy, v, preferred_element_type=jnp.float32)
+    delta = jnp.einsum("btnh,btnh->bnt", dy.astype(jnp.float32), y.astype(jnp.float32))
+    scale = np.float32(1.0 / math.sqrt(q.shape[-1]))
+    ds = (probs.astype(jnp.float32) * (dp - delta[..., None]) * scale).astype(q.dtype)
+    dq = jnp.einsum("bnts,bsnh->btnh", ds, k)
+    dk = jnp.einsum("bnts,btnh->bsnh", ds, q)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
+
+
 class Attention(nnx.Module):
     """Causal self-attention with K kv heads shared by G = N // K query heads each (MHA: K = N,
     MQA: K = 1), RoPE on queries and keys unless `rope=False` (learned positions).
@@ -330,10 +374,13 @@ class Attention(nnx.Module):
         # plain causal case; a mask (packed rows, a cache's slots) goes through XLA's.
         op = accumulating_dtype(dtype)
         q, k, v = q.astype(op), k.astype(op), v.astype(op)
-        kernel = self.implementation if mask is None and cache is None else "xla"
-        y = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=mask is None, implementation=kernel
-        )
+        if self.implementation == "xla" and mask is None and cache is None and G == 1:
+            y = causal_attention(q, k, v)  # XLA's attention, with a leaner backward pass
+        else:
+            kernel = self.implementation if mask is None and cache is None else "xla"
+            y = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=mask is None, implementation=kernel
+            )
         return self._out(y.astype(dtype)), cache
 
     def _out(self, y):
