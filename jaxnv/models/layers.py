@@ -297,7 +297,7 @@ def _causal_attention_bwd(residuals, dy):
     ds = (probs.astype(jnp.float32) * (dp - delta[..., None]) * scale).astype(q.dtype)
     dq = jnp.einsum("bnts,bsnh->btnh", ds, k)
     dk = jnp.einsum("bnts,btnh->bsnh", ds, q)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
 causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
